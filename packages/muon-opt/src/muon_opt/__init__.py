@@ -1,0 +1,11 @@
+"""muon_opt: see README.md for what this package implements and which paper it follows."""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__: str = _version("muon-opt")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]
