@@ -125,7 +125,9 @@ def gpu_present() -> bool:
 
 def skip_without_gpu(session: nox.Session, device: str) -> None:
     if device == "cuda" and not gpu_present():
-        session.skip("no CUDA GPU on this machine (nvidia-smi lists none); cuda sessions run on the GPU runner")
+        session.skip(
+            "no CUDA GPU on this machine (nvidia-smi lists none); cuda sessions run on the GPU runner"
+        )
 
 
 @nox.session
@@ -219,7 +221,9 @@ def build(session: nox.Session, package: str) -> None:
     session.run("hatch", "build", str(dist))
     artefacts = sorted(str(p) for p in dist.iterdir())
     session.run("twine", "check", "--strict", *artefacts)
-    session.run(sys.executable, str(TOOLS / "check_release_version.py"), "--dist", str(dist), "--package", package)
+    session.run(
+        sys.executable, str(TOOLS / "check_release_version.py"), "--dist", str(dist), "--package", package
+    )
 
     # A fresh venv that holds only the built wheel and its dependencies: no source tree on the path.
     wheel = next(p for p in artefacts if p.endswith(".whl"))
@@ -228,8 +232,19 @@ def build(session: nox.Session, package: str) -> None:
     session.run("uv", "venv", "--quiet", "--python", sys.executable, str(venv), external=True)
     python = str(venv / "bin" / "python")
     session.run(
-        "uv", "pip", "install", "--quiet", "--python", python, "-c", str(constraints("cpu")), wheel, external=True
+        "uv",
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        python,
+        "-c",
+        str(constraints("cpu")),
+        wheel,
+        external=True,
     )
     module = PACKAGES[package]
     session.chdir(session.create_tmp())
-    session.run(python, "-c", f"import {module}; print({module}.__name__, {module}.__version__)", external=True)
+    session.run(
+        python, "-c", f"import {module}; print({module}.__name__, {module}.__version__)", external=True
+    )

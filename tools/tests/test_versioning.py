@@ -100,7 +100,7 @@ def test_wheel_file_carries_tag_version(clone: Path, tmp_path: Path) -> None:
         else:
             assert version == expected
             crv.check(out, package, tag="proml-ner-v2.0.1")
-            with pytest.raises(ValueError, match="promises 2.0.2"):
+            with pytest.raises(ValueError, match=r"promises 2\.0\.2"):
                 crv.check(out, package, tag="proml-ner-v2.0.2")
             with pytest.raises(ValueError, match="releases 'muon-opt'"):
                 crv.check(out, package, tag="muon-opt-v2.0.1")

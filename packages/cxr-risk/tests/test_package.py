@@ -11,9 +11,9 @@ import cxr_risk
 
 
 def test_version_is_pep440() -> None:
-    assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", cxr_risk.__version__), (
-        cxr_risk.__version__
-    )
+    assert re.fullmatch(
+        r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", cxr_risk.__version__
+    ), cxr_risk.__version__
 
 
 def test_ships_py_typed() -> None:

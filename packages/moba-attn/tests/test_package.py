@@ -11,9 +11,9 @@ import moba_attn
 
 
 def test_version_is_pep440() -> None:
-    assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", moba_attn.__version__), (
-        moba_attn.__version__
-    )
+    assert re.fullmatch(
+        r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", moba_attn.__version__
+    ), moba_attn.__version__
 
 
 def test_ships_py_typed() -> None:

@@ -11,9 +11,9 @@ import muon_opt
 
 
 def test_version_is_pep440() -> None:
-    assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", muon_opt.__version__), (
-        muon_opt.__version__
-    )
+    assert re.fullmatch(
+        r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", muon_opt.__version__
+    ), muon_opt.__version__
 
 
 def test_ships_py_typed() -> None:

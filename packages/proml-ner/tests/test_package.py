@@ -11,9 +11,9 @@ import proml_ner
 
 
 def test_version_is_pep440() -> None:
-    assert re.fullmatch(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", proml_ner.__version__), (
-        proml_ner.__version__
-    )
+    assert re.fullmatch(
+        r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[\w.]+)?", proml_ner.__version__
+    ), proml_ner.__version__
 
 
 def test_ships_py_typed() -> None:
