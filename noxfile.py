@@ -137,7 +137,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     src_dirs = os.pathsep.join(str(ROOT / "packages" / p / "src") for p in PACKAGES)
-    session.run("lint-imports", "--config", str(ROOT / ".importlinter"), env={"PYTHONPATH": src_dirs})
+    session.run("lint-imports", env={"PYTHONPATH": src_dirs})  # reads .importlinter
 
 
 @nox.session
