@@ -218,7 +218,10 @@ def build(session: nox.Session, package: str) -> None:
     dist = ROOT / "dist" / package
     shutil.rmtree(dist, ignore_errors=True)
     session.chdir(ROOT / "packages" / package)
-    session.run("hatch", "build", str(dist))
+    # hatch builds in an environment of its own, synced by uv. nox points uv at its own venv
+    # (UV_PYTHON, UV_PROJECT_ENVIRONMENT); inherited, they would make uv install the build backend
+    # there and leave hatch's build env empty. None unsets a variable for this command.
+    session.run("hatch", "build", str(dist), env={"UV_PYTHON": None, "UV_PROJECT_ENVIRONMENT": None})
     artefacts = sorted(str(p) for p in dist.iterdir())
     session.run("twine", "check", "--strict", *artefacts)
     session.run(
@@ -227,7 +230,7 @@ def build(session: nox.Session, package: str) -> None:
 
     # A fresh venv that holds only the built wheel and its dependencies: no source tree on the path.
     wheel = next(p for p in artefacts if p.endswith(".whl"))
-    venv = Path(session.create_tmp()) / f"wheel-{package}"
+    venv = Path(session.create_tmp()).resolve() / f"wheel-{package}"
     shutil.rmtree(venv, ignore_errors=True)
     session.run("uv", "venv", "--quiet", "--python", sys.executable, str(venv), external=True)
     python = str(venv / "bin" / "python")
