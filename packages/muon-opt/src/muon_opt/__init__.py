@@ -1,11 +1,83 @@
-"""muon_opt: see README.md for what this package implements and which paper it follows."""
+"""muon_opt: the Muon optimizer in the form scaled up by Moonlight ("Muon is Scalable for LLM Training",
+Liu et al. 2025, arXiv 2502.16982): Newton-Schulz orthogonalised Nesterov momentum for matrices, update RMS
+matched to AdamW's (``0.2 * sqrt(max(A, B))``), decoupled weight decay, and AdamW for everything else.
+See README.md.
+"""
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
+
+from muon_opt.adamw import adamw_foreach, adamw_reference
+from muon_opt.distributed import (
+    DDPMuon,
+    FSDPMuon,
+    ZeroMuon,
+    distributed_muon,
+    load_checkpoint,
+    save_checkpoint,
+)
+from muon_opt.distributed_comm import CommCounter, collective_bytes
+from muon_opt.distributed_layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
+from muon_opt.matrix_view import (
+    MatrixSpec,
+    from_matrices,
+    from_matrix_groups,
+    logical_shapes,
+    to_matrices,
+    to_matrix_groups,
+)
+from muon_opt.muon import muon_update
+from muon_opt.muon_reference import muon_step_reference
+from muon_opt.newton_schulz import (
+    DEFAULT_NS_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    newton_schulz,
+    newton_schulz_reference,
+)
+from muon_opt.optimizer import Muon
+from muon_opt.routing import HEAD_NAMES, ParamRoute, format_routes, param_groups, route_parameters
+from muon_opt.scale import UPDATE_SCALE_MODES, resolve_ns_dtype, update_scale
 
 try:
     __version__: str = _version("muon-opt")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "DEFAULT_NS_COEFFICIENTS",
+    "HEAD_NAMES",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "UPDATE_SCALE_MODES",
+    "CommCounter",
+    "DDPMuon",
+    "FSDPMuon",
+    "FlatLayout",
+    "MatrixSpec",
+    "Muon",
+    "ParamRoute",
+    "ZeroMuon",
+    "__version__",
+    "adamw_foreach",
+    "adamw_reference",
+    "balance_ownership",
+    "collective_bytes",
+    "distributed_muon",
+    "format_routes",
+    "from_matrices",
+    "from_matrix_groups",
+    "load_checkpoint",
+    "logical_shapes",
+    "muon_step_reference",
+    "muon_update",
+    "newton_schulz",
+    "newton_schulz_flops",
+    "newton_schulz_reference",
+    "param_groups",
+    "plan_flat_layout",
+    "resolve_ns_dtype",
+    "route_parameters",
+    "save_checkpoint",
+    "to_matrices",
+    "to_matrix_groups",
+    "update_scale",
+]

@@ -1,0 +1,307 @@
+"""Optimizer step time, Newton-Schulz time vs shape, and optimizer-state bytes per parameter.
+
+Every comparison runs its contenders interleaved (``benchkit.time_interleaved``) on identical parameters
+and gradients, and reports medians, inter-quartile spread and ratios to ``muon_opt.Muon``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import benchkit
+import torch
+from torch import Tensor, nn
+
+import muon_opt
+
+
+@dataclass
+class StepSettings:
+    d_model: int = 256  # GPT-2 small is 768 wide with 12 layers; scaled down for the CPU
+    layers: int = 4
+    vocab: int = 2048
+    context: int = 256
+    big_shape: tuple[int, int] = (256, 1024)  # "a few 256x1024 matrices": fp32 ours vs torch.optim.Muon
+    big_count: int = 4
+    small_shape: tuple[int, int] = (64, 64)  # many small matrices: batching vs a per-parameter loop
+    small_count: int = 96
+    ns_shapes: tuple[tuple[int, int], ...] = (
+        (64, 64),
+        (128, 128),
+        (128, 512),
+        (256, 256),
+        (256, 1024),
+        (512, 512),
+    )
+    ns_batch: int = 8
+    repeats: int = 7
+
+
+def gpt_params(s: StepSettings, device: torch.device) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(matrices, others) with GPT-2's parameter shapes at width ``d_model``, gradients filled in."""
+    d, gen = s.d_model, torch.Generator().manual_seed(0)
+
+    def param(*shape: int) -> nn.Parameter:
+        p = nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.02)
+        p.grad = torch.randn(shape, generator=gen).to(device) * 1e-3
+        return p
+
+    matrices, others = [], [param(s.vocab, d), param(s.context, d)]  # wte (tied head), wpe
+    for _ in range(s.layers):
+        matrices += [param(3 * d, d), param(d, d), param(4 * d, d), param(d, 4 * d)]
+        others += [param(d), param(d), param(3 * d), param(d), param(4 * d), param(d), param(d), param(d)]
+    others += [param(d), param(d)]
+    return matrices, others
+
+
+def _matrix_params(shape: tuple[int, int], count: int, device: torch.device) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        p = nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.02)
+        p.grad = torch.randn(shape, generator=gen).to(device)
+        out.append(p)
+    return out
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, Tensor)
+    )
+
+
+def _update_error(
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], params: list[nn.Parameter]
+) -> float:
+    """Relative error of one step's update against the float64 reference step (lr=1, wd=0, fresh state)."""
+    work = [nn.Parameter(p.detach().clone()) for p in params]
+    truth = [nn.Parameter(p.detach().double()) for p in params]
+    for w, t, p in zip(work, truth, params, strict=True):
+        w.grad, t.grad = p.grad.clone(), p.grad.double()
+    make(work).step()
+    muon_opt.Muon(truth, lr=1.0, weight_decay=0.0, foreach=False).step()
+    num = sum(
+        ((w.detach().double() - p.detach().double()) - (t.detach() - p.detach().double())).pow(2).sum()
+        for w, t, p in zip(work, truth, params, strict=True)
+    )
+    den = sum((t.detach() - p.detach().double()).pow(2).sum() for t, p in zip(truth, params, strict=True))
+    return math.sqrt(float(num) / float(den))
+
+
+def _peak_step_mib(step: Callable[[], None], device: torch.device) -> float | str:
+    """Extra device memory one step allocates at its peak (CUDA only; the CPU allocator keeps no such count)."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def _rows(timings: dict[str, benchkit.Timing], base: str) -> list[list]:
+    return [
+        [name, round(1e3 * t.median, 2), f"{100 * t.spread:.0f}%", round(t.median / timings[base].median, 2)]
+        for name, t in timings.items()
+    ]
+
+
+def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benchkit.Section], dict]:
+    sync, extra = _sync(device), {}
+    sections = []
+
+    # 1. GPT-2-small-like parameter set: the whole optimizer step.
+    matrices, others = gpt_params(s, device)
+    every = matrices + others
+    ours = muon_opt.Muon(
+        [{"params": matrices, "use_muon": True}, {"params": others, "use_muon": False}], lr=1e-3
+    )
+    ref = muon_opt.Muon(
+        [{"params": matrices, "use_muon": True}, {"params": others, "use_muon": False}],
+        lr=1e-3,
+        foreach=False,
+    )
+    torch_muon = torch.optim.Muon(matrices, lr=1e-3, adjust_lr_fn="match_rms_adamw")
+    torch_muon_adamw = torch.optim.AdamW(others, lr=1e-3, foreach=True)
+    adamw = torch.optim.AdamW(every, lr=1e-3, weight_decay=0.1, foreach=True)
+
+    def torch_pair() -> None:
+        torch_muon.step()
+        torch_muon_adamw.step()
+
+    benchkit.progress(f"step time: GPT-2-like set, d={s.d_model}, {s.layers} layers")
+    t = benchkit.time_interleaved(
+        {
+            "muon_opt.Muon": ours.step,
+            "torch.optim.Muon + AdamW": torch_pair,
+            "torch.optim.AdamW (foreach)": adamw.step,
+            "muon_opt.Muon reference loop (foreach=False)": ref.step,
+        },
+        repeats=s.repeats,
+        sync=sync,
+    )
+    n_params = sum(p.numel() for p in every)
+    state = {
+        "muon_opt.Muon": _state_bytes(ours) / n_params,
+        "torch.optim.Muon + AdamW": (_state_bytes(torch_muon) + _state_bytes(torch_muon_adamw)) / n_params,
+        "torch.optim.AdamW (foreach)": _state_bytes(adamw) / n_params,
+        "muon_opt.Muon reference loop (foreach=False)": _state_bytes(ref) / n_params,
+    }
+    steps = {
+        "muon_opt.Muon": ours.step,
+        "torch.optim.Muon + AdamW": torch_pair,
+        "torch.optim.AdamW (foreach)": adamw.step,
+        "muon_opt.Muon reference loop (foreach=False)": ref.step,
+    }
+    peak = {name: _peak_step_mib(fn, device) for name, fn in steps.items()}
+    rows = [[*r, round(state[r[0]], 2), peak[r[0]]] for r in _rows(t, "muon_opt.Muon")]
+    extra["gpt_step"] = {k: v.median for k, v in t.items()}
+    sections.append(
+        benchkit.Section(
+            title="Optimizer step time and state: GPT-2-small-like parameter shapes (scaled down)",
+            description=(
+                f"{s.layers} layers, d_model {s.d_model}, vocab {s.vocab}, {n_params:,} fp32 parameters; Muon on "
+                f"the {len(matrices)} block matrices, AdamW on embeddings, norms and biases. One optimizer "
+                "step, interleaved runs; ratio = median / muon_opt.Muon's median. State = optimizer-state "
+                "bytes per parameter after the step; step peak = extra memory a step allocates (CUDA only)."
+            ),
+            columns=["contender", "median ms", "IQR", "ratio vs ours", "state bytes/param", "step peak MiB"],
+            rows=rows,
+            notes=[
+                "torch.optim.Muon runs Newton-Schulz in bf16 whatever the parameter dtype; muon_opt's "
+                "ns_dtype='auto' uses fp32 on CPU. On a CPU with AVX512-BF16 the bf16 matmuls are fast."
+            ],
+        )
+    )
+
+    # 2. A few 256x1024 fp32 matrices: muon_opt (fp32 and bf16 Newton-Schulz) vs torch.optim.Muon.
+    big = _matrix_params(s.big_shape, s.big_count, device)
+    contenders_big: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+        "muon_opt.Muon (fp32 NS)": lambda ps: muon_opt.Muon(ps, lr=1.0, weight_decay=0.0),
+        "muon_opt.Muon (ns_dtype=bf16)": lambda ps: muon_opt.Muon(
+            ps, lr=1.0, weight_decay=0.0, ns_dtype="bf16"
+        ),
+        "torch.optim.Muon (bf16 NS)": lambda ps: torch.optim.Muon(
+            ps, lr=1.0, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"
+        ),
+        "plain per-parameter fp32 reference loop": lambda ps: muon_opt.Muon(
+            ps, lr=1.0, weight_decay=0.0, foreach=False
+        ),
+    }
+    benchkit.progress(f"step time: {s.big_count} x {s.big_shape} fp32")
+    opts = {name: make(big) for name, make in contenders_big.items()}
+    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.repeats, sync=sync)
+    errs = {name: _update_error(make, big[:1]) for name, make in contenders_big.items()}
+    rows = [[*r, f"{errs[r[0]]:.1e}"] for r in _rows(t, "muon_opt.Muon (fp32 NS)")]
+    extra["big_step"] = {k: v.median for k, v in t.items()}
+    sections.append(
+        benchkit.Section(
+            title=f"Muon step on {s.big_count} fp32 matrices of {s.big_shape[0]}x{s.big_shape[1]}",
+            description=(
+                "The done-when comparison: our Muon vs torch.optim.Muon on fp32 parameters. Update error = "
+                "relative Frobenius error of one step's update against the float64 reference step."
+            ),
+            columns=["contender", "median ms", "IQR", "ratio vs ours", "update rel. error vs fp64"],
+            rows=rows,
+        )
+    )
+
+    # 3. Many small matrices: the batched fast path vs the plain per-parameter fp32 loop.
+    small = _matrix_params(s.small_shape, s.small_count, device)
+    opts = {
+        "muon_opt.Muon (batched)": muon_opt.Muon(small, lr=1e-3),
+        "plain per-parameter fp32 reference loop": muon_opt.Muon(small, lr=1e-3, foreach=False),
+        "torch.optim.Muon (bf16 NS, per parameter)": torch.optim.Muon(
+            small, lr=1e-3, adjust_lr_fn="match_rms_adamw"
+        ),
+    }
+    benchkit.progress(f"step time: {s.small_count} x {s.small_shape}")
+    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.repeats, sync=sync)
+    extra["small_step"] = {k: v.median for k, v in t.items()}
+    sections.append(
+        benchkit.Section(
+            title=f"Many small matrices: {s.small_count} x {s.small_shape[0]}x{s.small_shape[1]} fp32",
+            description=(
+                "Same-shape matrices are stacked and orthogonalised in one batched call; the reference "
+                "orthogonalises them one at a time. Done-when: ours within 1.5x of the reference loop "
+                "(ratio <= 1.5), faster being the aim (ratio < 1)."
+            ),
+            columns=["contender", "median ms", "IQR", "ratio vs ours"],
+            rows=_rows(t, "muon_opt.Muon (batched)"),
+        )
+    )
+    return sections, extra
+
+
+def ns_time_section(s: StepSettings, device: torch.device, outdir: Path, prefix: str) -> benchkit.Section:
+    """Newton-Schulz (5 steps) time vs matrix shape: batched fast path in fp32 and bf16 vs the reference."""
+    sync = _sync(device)
+    rows, series = [], {"batched fp32": [], "batched bf16": [], "reference loop fp32": []}
+    for shape in s.ns_shapes:
+        G = torch.randn((s.ns_batch, *shape), generator=torch.Generator().manual_seed(2)).to(device)
+        Gb = G.bfloat16()
+        benchkit.progress(f"NS5 time: {s.ns_batch} x {shape}")
+        t = benchkit.time_interleaved(
+            {
+                "batched fp32": lambda G=G: muon_opt.newton_schulz(G),
+                "batched bf16": lambda Gb=Gb: muon_opt.newton_schulz(Gb),
+                "reference loop fp32": lambda G=G: muon_opt.newton_schulz_reference(G),
+            },
+            repeats=max(3, s.repeats - 2),
+            sync=sync,
+        )
+        for name, timing in t.items():
+            series[name].append(1e3 * timing.median / s.ns_batch)
+        rows.append(
+            [f"{shape[0]}x{shape[1]}"]
+            + [round(1e3 * t[n].median / s.ns_batch, 3) for n in series]
+            + [round(t["reference loop fp32"].median / t["batched fp32"].median, 2)]
+        )
+    plots = []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [a * b for a, b in s.ns_shapes]
+        for name, ys in series.items():
+            ax.plot(x, ys, marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("matrix elements (rows x cols)")
+        ax.set_ylabel("ms per matrix")
+        ax.set_title(f"Newton-Schulz, 5 steps, batch of {s.ns_batch} ({device.type})")
+        ax.legend()
+        fig.tight_layout()
+        name = f"{prefix}-ns-time.png"
+        fig.savefig(outdir / name, dpi=120)
+        plt.close(fig)
+        plots.append(name)
+    except ImportError:
+        pass
+    return benchkit.Section(
+        title="Newton-Schulz (5 steps) time vs matrix shape",
+        description=f"Milliseconds per matrix, batches of {s.ns_batch} same-shape matrices, interleaved runs.",
+        columns=[
+            "shape",
+            "batched fp32 ms",
+            "batched bf16 ms",
+            "reference loop fp32 ms",
+            "reference / batched",
+        ],
+        rows=rows,
+        plots=plots,
+    )

@@ -1,0 +1,154 @@
+"""Newton-Schulz orthogonalisation: the reference (the spec) and the batched fast path.
+
+Muon replaces a momentum matrix ``G = U S V^T`` by (approximately) its orthogonal polar factor ``U V^T``
+(Jordan et al. 2024, "Muon"; Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv 2502.16982,
+Sec. 2.1). An odd matrix polynomial applied ``steps`` times does this without an SVD:
+
+    X <- a X + (b A + c A^2) X,    A = X X^T
+
+after ``X = G / (||G||_F + eps)`` puts every singular value in [0, 1]. The default quintic
+coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's: they maximise the slope at zero (so small
+singular values grow fast) at the price of not converging exactly; after 5 steps the singular values
+land in roughly [0.7, 1.2], which Muon tolerates. Polar Express (Amsel et al. 2025, arXiv 2505.16932)
+instead uses one optimised triple per step: pass a sequence of triples.
+
+When ``rows > cols`` the matrix is transposed first so that the Gram matrix ``A`` is the small one
+(``min(rows, cols)`` squared); the result is transposed back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_NS_COEFFICIENTS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "newton_schulz",
+    "newton_schulz_reference",
+]
+
+Coefficients = tuple[float, float, float]
+
+#: Keller Jordan's quintic: steepest slope at 0 subject to the iteration staying in [0.7, 1.2].
+DEFAULT_NS_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
+
+#: Polar Express per-step coefficients (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932), the
+#: five-step schedule used in modded-nanogpt. modded-nanogpt also divides by ``1.02 * ||G||_F`` as a
+#: safety margin for bf16 round-off; here the plain Frobenius normalisation is used (it already bounds the
+#: spectral norm by 1). A sequence shorter than ``steps`` repeats its last triple.
+POLAR_EXPRESS_COEFFICIENTS: tuple[Coefficients, ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def _per_step_coefficients(
+    steps: int, coefficients: Coefficients | Sequence[Coefficients]
+) -> list[Coefficients]:
+    """One (a, b, c) per step: a single triple is repeated, a sequence is used in order, its last repeated."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"newton_schulz: steps={steps!r} must be a non-negative int (Muon uses 5)")
+    coeffs = list(coefficients)
+    if len(coeffs) == 3 and all(isinstance(x, (int, float)) for x in coeffs):
+        triple = (float(coeffs[0]), float(coeffs[1]), float(coeffs[2]))
+        return [triple] * steps
+    if not coeffs or not all(isinstance(c, Sequence) and len(c) == 3 for c in coeffs):
+        raise ValueError(
+            "newton_schulz: coefficients must be one (a, b, c) triple or a sequence of triples "
+            f"(one per step, e.g. POLAR_EXPRESS_COEFFICIENTS); got {coefficients!r}"
+        )
+    triples = [(float(a), float(b), float(c)) for a, b, c in coeffs]
+    return [triples[min(i, len(triples) - 1)] for i in range(steps)]
+
+
+def _check_input(G: Tensor, name: str) -> None:
+    if G.ndim < 2:
+        raise ValueError(f"{name}: G must have at least 2 dims [..., rows, cols]; got shape {tuple(G.shape)}")
+    if G.is_complex():
+        raise ValueError(f"{name}: complex input is not supported (got dtype {G.dtype})")
+    if not G.is_floating_point():
+        raise ValueError(f"{name}: G must be a floating-point tensor; got dtype {G.dtype}")
+
+
+def _newton_schulz_2d(X: Tensor, coeffs: list[Coefficients], eps: float) -> Tensor:
+    """The iteration on one matrix, written out as in the papers."""
+    transposed = X.shape[0] > X.shape[1]
+    if transposed:
+        X = X.T  # make the Gram matrix X X^T the small (min(rows, cols))^2 one
+    X = X / (torch.linalg.matrix_norm(X, ord="fro") + eps)  # all singular values now <= 1
+    for a, b, c in coeffs:
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.T
+    return X
+
+
+def newton_schulz_reference(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: Coefficients | Sequence[Coefficients] = DEFAULT_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Readable Newton-Schulz orthogonalisation, one matrix at a time: the specification.
+
+    Args:
+        G: ``[..., rows, cols]``; each trailing matrix is orthogonalised independently.
+        steps: number of iterations (5 in Muon).
+        coefficients: one ``(a, b, c)`` triple used every step, or a sequence of per-step triples
+            (Polar Express); a sequence shorter than ``steps`` repeats its last triple.
+        eps: added to the Frobenius norm before dividing, so a zero matrix stays zero.
+        dtype: the dtype to compute in; ``None`` computes in ``G.dtype``.
+
+    Returns:
+        A tensor of ``G``'s shape and dtype whose matrices have singular values close to 1
+        (in roughly [0.7, 1.2] for the default coefficients).
+    """
+    _check_input(G, "newton_schulz_reference")
+    coeffs = _per_step_coefficients(steps, coefficients)
+    compute_dtype = G.dtype if dtype is None else dtype
+    mats = G.reshape(-1, G.shape[-2], G.shape[-1])
+    out = [_newton_schulz_2d(m.to(compute_dtype), coeffs, eps).to(G.dtype) for m in mats]
+    return torch.stack(out).reshape(G.shape)
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: Coefficients | Sequence[Coefficients] = DEFAULT_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Batched Newton-Schulz orthogonalisation (the fast path of :func:`newton_schulz_reference`).
+
+    Same arguments and result as the reference, but all matrices of ``G``'s leading dims go through one
+    batched matmul chain (``baddbmm`` fuses the polynomial's additions into the products), which is what
+    lets the optimizer stack same-shape parameters and orthogonalise them in one call. Never modifies
+    ``G`` and never returns a view of it.
+    """
+    _check_input(G, "newton_schulz")
+    coeffs = _per_step_coefficients(steps, coefficients)
+    compute_dtype = G.dtype if dtype is None else dtype
+    rows, cols = G.shape[-2], G.shape[-1]
+    X = G.reshape(-1, rows, cols)
+    transposed = rows > cols
+    if transposed:
+        X = X.mT
+    # .to() may return G itself; the division below always allocates, so nothing aliases the input.
+    X = X.to(compute_dtype)
+    X = X / (torch.linalg.matrix_norm(X, ord="fro", keepdim=True) + eps)
+    for a, b, c in coeffs:
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)  # a X + B X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype).reshape(G.shape)
