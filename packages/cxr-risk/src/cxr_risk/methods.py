@@ -1,0 +1,192 @@
+"""The compared recipes as two calls: :func:`pretrain` (once per method) and :func:`finetune` (per label set).
+
+Methods of Chen, Lu & Raghu (MIDL 2023), section 3:
+
+==============  ============================================================================================
+``scratch``     no pretraining; the encoder starts from random weights
+``transfer``    ImageNet weights from a local file (``BackboneConfig.checkpoint_path``), no pretraining step;
+                without a file it is a random-initialisation stand-in (used by the CPU benchmark, which has
+                no ImageNet weights; it then differs from ``scratch`` only by its seed)
+``simclr``      contrastive pretraining, NT-Xent (:class:`~cxr_risk.contrastive.SimCLR`)
+``moco``        contrastive pretraining, MoCo v2 (:class:`~cxr_risk.contrastive.MoCo`)
+``autoencoder`` reconstruction only (the semi-supervised autoencoder with ``w_dx = w_risk = 0``)
+``ssae``        the semi-supervised autoencoder: reconstruction + masked diagnostic-label BCE + survival
+                loss where follow-up exists (the paper's winner)
+==============  ============================================================================================
+
+Pretraining reads a cohort with diagnostic labels and usually no follow-up; fine-tuning reads a cohort
+with follow-up, starting from the pretrained encoder. Both write checkpoints (see :mod:`cxr_risk.checkpoint`)
+whose sidecars carry the preprocessing contract; fine-tuning refuses to change it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from .autoencoder import AutoencoderWeights, SemiSupervisedAutoencoder
+from .backbones import BackboneConfig, Encoder, RiskModel
+from .cache import CachedImageDataset
+from .checkpoint import Sidecar, load_sidecar, load_state
+from .cohort import Cohort
+from .contrastive import MoCo, SimCLR
+from .predict import check_preprocess
+from .preprocess import PreprocessConfig
+from .survival import SurvivalConfig
+from .trainer import FinetuneTask, TrainConfig, Trainer
+
+__all__ = ["METHODS", "PRETRAINED_METHODS", "build_pretrain_task", "finetune", "pretrain"]
+
+METHODS: tuple[str, ...] = ("scratch", "transfer", "simclr", "moco", "autoencoder", "ssae")
+PRETRAINED_METHODS: tuple[str, ...] = ("simclr", "moco", "autoencoder", "ssae")
+
+
+def build_pretrain_task(
+    method: str,
+    encoder: Encoder,
+    n_labels: int,
+    survival: SurvivalConfig | None = None,
+    weights: AutoencoderWeights | None = None,
+    options: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The task module for a pretraining method (see the module table)."""
+    opts = dict(options or {})
+    if method == "simclr":
+        return SimCLR(encoder, **opts)
+    if method == "moco":
+        return MoCo(encoder, **opts)
+    if method == "autoencoder":
+        return SemiSupervisedAutoencoder(encoder, 0, None, AutoencoderWeights(1.0, 0.0, 0.0), **opts)
+    if method == "ssae":
+        w = weights or AutoencoderWeights()
+        if n_labels == 0:
+            w = AutoencoderWeights(w.w_rec, 0.0, w.w_risk)
+        if survival is None:
+            w = AutoencoderWeights(w.w_rec, w.w_dx, 0.0)
+        return SemiSupervisedAutoencoder(encoder, n_labels, survival, w, **opts)
+    raise ValueError(
+        f"pretrain: method={method!r} has no pretraining step; choose one of {PRETRAINED_METHODS}"
+    )
+
+
+def pretrain(
+    method: str,
+    cohort: Cohort,
+    out_dir: str | Path,
+    backbone: BackboneConfig,
+    preprocess: PreprocessConfig,
+    train: TrainConfig,
+    cache_dir: str | Path,
+    followup_cohort: Cohort | None = None,
+    survival: SurvivalConfig | None = None,
+    weights: AutoencoderWeights | None = None,
+    options: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> Path:
+    """Pretrain an encoder with ``method`` on ``cohort`` (+ ``followup_cohort`` for the ssae's risk term)."""
+    if method not in PRETRAINED_METHODS:
+        raise ValueError(f"pretrain: method={method!r} must be one of {PRETRAINED_METHODS}")
+    datasets: list[Dataset] = [CachedImageDataset(cohort, preprocess, cache_dir)]
+    labels = list(cohort.label_columns)
+    if followup_cohort is not None:
+        if method != "ssae":
+            raise ValueError("pretrain: followup_cohort is only used by method='ssae' (its survival term)")
+        if tuple(followup_cohort.label_columns) != tuple(cohort.label_columns):
+            raise ValueError(
+                f"pretrain: followup_cohort labels {followup_cohort.label_columns} differ from the pretraining "
+                f"cohort's {cohort.label_columns}; give both the same label_* columns"
+            )
+        datasets.append(CachedImageDataset(followup_cohort, preprocess, cache_dir))
+        survival = survival or SurvivalConfig()
+    torch.manual_seed(train.seed)
+    encoder = Encoder(backbone)
+    task = build_pretrain_task(
+        method, encoder, len(labels), survival if followup_cohort is not None else None, weights, options
+    )
+    sidecar = Sidecar.create(
+        method,
+        backbone.to_dict(),
+        preprocess,
+        labels=labels,
+        survival=survival.to_dict() if (survival is not None and followup_cohort is not None) else None,
+    )
+    data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    Trainer(task, train, out_dir, sidecar).fit(data, resume=resume)
+    return Path(out_dir)
+
+
+def _load_encoder_weights(encoder: Encoder, init: Path) -> None:
+    state = load_state(init)
+    enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    if not enc:  # a fine-tuned checkpoint: model.encoder.*
+        enc = {
+            k.removeprefix("model.encoder."): v for k, v in state.items() if k.startswith("model.encoder.")
+        }
+    missing, unexpected = encoder.load_state_dict(enc, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"finetune: --init {init} does not fit backbone {encoder.config.name!r}: "
+            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+
+
+class _FrozenEncoderTask(FinetuneTask):
+    """Linear-probe variant: encoder weights and normalisation statistics stay as pretrained."""
+
+    def train(self, mode: bool = True) -> _FrozenEncoderTask:
+        super().train(mode)
+        self.model.encoder.eval()
+        return self
+
+
+def finetune(
+    cohort: Cohort,
+    out_dir: str | Path,
+    preprocess: PreprocessConfig | None,
+    train: TrainConfig,
+    cache_dir: str | Path,
+    survival: SurvivalConfig,
+    backbone: BackboneConfig | None = None,
+    init: str | Path | None = None,
+    method: str = "scratch",
+    freeze_encoder: bool = False,
+    resume: bool = False,
+) -> Path:
+    """Fine-tune a risk model on ``cohort`` (needs follow-up), from a pretrained checkpoint when ``init``.
+
+    With ``init`` the backbone and preprocessing come from its sidecar (``preprocess`` may be given only if
+    it is the same); without it ``backbone`` is required (``transfer`` passes one with ``checkpoint_path``).
+    """
+    if not cohort.has_survival:
+        raise ValueError("finetune: the cohort has no time/event columns; fine-tuning needs follow-up")
+    extra: dict[str, Any] = {"method": method}
+    if init is not None:
+        init_side = load_sidecar(init)
+        preprocess = check_preprocess(init_side, preprocess)
+        backbone = BackboneConfig(**{**init_side.backbone, "checkpoint_path": None})
+        extra["init"] = {"kind": init_side.kind, "path": str(init)}
+    if backbone is None or preprocess is None:
+        raise ValueError("finetune: give backbone and preprocess, or init (a pretraining checkpoint)")
+    torch.manual_seed(train.seed)
+    encoder = Encoder(backbone)
+    if init is not None:
+        _load_encoder_weights(encoder, Path(init))
+    model = RiskModel(encoder, survival)
+    task: FinetuneTask
+    if freeze_encoder:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        task = _FrozenEncoderTask(model)
+    else:
+        task = FinetuneTask(model)
+    extra["freeze_encoder"] = freeze_encoder
+    sidecar = Sidecar.create(
+        "risk", backbone.to_dict(), preprocess, labels=[], survival=survival.to_dict(), extra=extra
+    )
+    Trainer(task, train, out_dir, sidecar).fit(
+        CachedImageDataset(cohort, preprocess, cache_dir), resume=resume
+    )
+    return Path(out_dir)

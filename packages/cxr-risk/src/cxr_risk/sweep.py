@@ -1,0 +1,202 @@
+"""Label-efficiency sweep: methods x label fractions x seeds, internal and external test cohorts.
+
+The experiment of Chen, Lu & Raghu (MIDL 2023), section 4: pretrain once per method on a cohort with
+diagnostic labels (no follow-up), fine-tune on nested patient-level fractions of a development cohort with
+follow-up, and test on a held-out internal split and an external cohort. Writes ``results.csv`` (tidy: one
+row per method, fraction, seed and test cohort), ``results.json`` and ``label_efficiency.png`` (C-index vs
+fraction of labelled patients, one line per method, bootstrap CIs shaded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .backbones import BackboneConfig
+from .cohort import Cohort, label_fraction_subsets, patient_split
+from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain
+from .metrics import bootstrap_ci, harrell_c
+from .predict import load_risk_model, patient_level, predict_cohort
+from .preprocess import PreprocessConfig
+from .survival import SurvivalConfig
+from .trainer import TrainConfig
+
+__all__ = ["SweepConfig", "plot_label_efficiency", "run_sweep"]
+
+
+@dataclass
+class SweepConfig:
+    """What to compare and how long to train.
+
+    ``finetune_min_steps``: small fractions have few images, so fine-tuning runs at least this many optimizer
+    steps (more epochs) for every fraction; ``transfer_checkpoint``: ImageNet weights for ``transfer`` (None =
+    random-initialisation stand-in).
+    """
+
+    methods: tuple[str, ...] = ("scratch", "transfer", "simclr", "autoencoder", "ssae")
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    backbone: str = "resnet18"
+    transfer_checkpoint: str | None = None
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(size=224))
+    survival: SurvivalConfig = field(default_factory=SurvivalConfig)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, progress=False))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, progress=False))
+    finetune_min_steps: int = 50
+    freeze_encoder: bool = False
+    test_fraction: float = 0.3
+    n_boot: int = 100
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"SweepConfig: unknown methods {bad}; choose from {METHODS}")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"SweepConfig: fractions={self.fractions} must lie in (0, 1]")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"SweepConfig: test_fraction={self.test_fraction} must be in (0, 1)")
+
+
+def _finetune_config(base: TrainConfig, n_images: int, min_steps: int, seed: int) -> TrainConfig:
+    bs = max(2, min(base.batch_size, n_images))
+    steps_per_epoch = max(1, n_images // bs)
+    epochs = max(base.epochs, math.ceil(min_steps / steps_per_epoch))
+    return replace(base, batch_size=bs, epochs=epochs, seed=seed)
+
+
+def run_sweep(
+    pretrain_cohort: Cohort,
+    dev_cohort: Cohort,
+    external_cohort: Cohort | None,
+    out_dir: str | Path,
+    config: SweepConfig,
+    cache_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Run the sweep; returns (and writes) the tidy results table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = patient_split(
+        dev_cohort, (1 - config.test_fraction, config.test_fraction), ("train", "test"), seed=0
+    )
+    subsets = label_fraction_subsets(split["train"], config.fractions, seed=0)
+    tests = {
+        "internal": split["test"],
+        **({"external": external_cohort} if external_cohort is not None else {}),
+    }
+    rows: list[dict[str, Any]] = []
+    pretrained: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+    for method in config.methods:
+        if method in PRETRAINED_METHODS:
+            t0 = time.perf_counter()
+            log(f"pretrain {method}")
+            pretrained[method] = pretrain(
+                method,
+                pretrain_cohort,
+                out / "pretrain" / method,
+                BackboneConfig(config.backbone),
+                config.preprocess,
+                config.pretrain,
+                cache_dir,
+            )
+            timings[f"pretrain/{method}"] = time.perf_counter() - t0
+    for method in config.methods:
+        for frac in config.fractions:
+            sub = subsets[frac]
+            for seed in config.seeds:
+                t0 = time.perf_counter()
+                ck = out / "finetune" / f"{method}-f{frac:g}-s{seed}"
+                ft = _finetune_config(config.finetune, len(sub), config.finetune_min_steps, seed)
+                checkpoint = config.transfer_checkpoint if method == "transfer" else None
+                finetune(
+                    sub,
+                    ck,
+                    None if method in pretrained else config.preprocess,
+                    # scratch and transfer differ in initialisation; on CPU without weights by seed only
+                    replace(ft, seed=seed + (1000 if method == "transfer" else 0)),
+                    cache_dir,
+                    config.survival,
+                    backbone=None if method in pretrained else BackboneConfig(config.backbone, checkpoint),
+                    init=pretrained.get(method),
+                    method=method,
+                    freeze_encoder=config.freeze_encoder and method in pretrained,
+                )
+                model, side = load_risk_model(ck)
+                for name, cohort in tests.items():
+                    pats = patient_level(predict_cohort(model, side, cohort, cache_dir))
+                    t, e, r = (pats[c].to_numpy() for c in ("time", "event", "risk"))
+                    c, lo, hi = bootstrap_ci(harrell_c, t, e, r, n_boot=config.n_boot, seed=seed)
+                    rows.append(
+                        {
+                            "method": method,
+                            "fraction": frac,
+                            "seed": seed,
+                            "n_train_patients": int(pd.unique(sub.patient_ids).size),
+                            "n_train_images": len(sub),
+                            "test_cohort": name,
+                            "n_test_patients": len(pats),
+                            "c_index": c,
+                            "ci_low": lo,
+                            "ci_high": hi,
+                        }
+                    )
+                timings[f"finetune/{method}/{frac:g}/{seed}"] = time.perf_counter() - t0
+                log(
+                    f"finetune {method} fraction {frac:g} seed {seed}: "
+                    + ", ".join(f"{r['test_cohort']} C={r['c_index']:.3f}" for r in rows[-len(tests) :])
+                )
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "results.csv", index=False)
+    meta = {"config": _jsonable(asdict(config)), "timings_s": timings}
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    plot_label_efficiency(table, out / "label_efficiency.png")
+    return table
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def plot_label_efficiency(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """C-index vs fraction of labelled patients, one line per method, one panel per test cohort."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohorts = list(dict.fromkeys(table["test_cohort"]))
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(5 * len(cohorts), 3.8), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], cohorts):
+        sub = table[table["test_cohort"] == name]
+        for method, g in sub.groupby("method", sort=False):
+            agg = g.groupby("fraction").agg(
+                c=("c_index", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean")
+            )
+            x = agg.index.to_numpy(dtype=float)
+            ax.plot(x, agg["c"], "o-", label=method)
+            ax.fill_between(x, agg["lo"], agg["hi"], alpha=0.15)
+        ax.axhline(0.5, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set(xlabel="fraction of labelled patients", title=f"{name} test", ylim=(0.35, 1.0))
+        ax.set_xticks(sorted(set(sub["fraction"])), [f"{f:g}" for f in sorted(set(sub["fraction"]))])
+    axes[0][0].set_ylabel("Harrell's C (patient-level)")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
