@@ -1,0 +1,130 @@
+"""A transformers KV cache that keeps MoBA's key block means up to date as it grows.
+
+MoBA's gate scores each query against the mean key of every earlier block (Lu et al. 2025, Sec. 2.2).
+With transformers' default ``DynamicCache`` the attention function only sees the concatenated keys,
+so every decode step recomputes all block means: a read of the whole key cache per layer and step,
+which is more memory traffic than the sparse attention itself once ``T >> topk * block_size``.
+:class:`MoBACache` is a ``DynamicCache`` whose layers carry a :class:`moba_attn.KeyBlockMeans`: each
+step folds in only the new keys (``O(new tokens)``), and the attention function hands the running
+means to the op. Results are the same either way (tested); this is purely a decode-speed path.
+
+Usage::
+
+    cache = MoBACache(config=model.config)
+    model.generate(ids, past_key_values=cache, max_new_tokens=256)
+
+Any cache edit that is not an append (crop for assisted decoding, beam reordering, batch selection,
+reset, offloading) drops the running means; the next call rebuilds them from the cached keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .block_means import KeyBlockMeans
+
+__all__ = ["MoBACache", "MoBACacheLayer"]
+
+# Attribute set on the key tensor a layer returns from ``update``: the attention function receives
+# exactly that tensor, so this is how it finds the layer (transformers passes it no cache object).
+LAYER_ATTR = "_moba_cache_layer"
+
+
+class MoBACacheLayer(DynamicLayer):
+    """``DynamicLayer`` plus running key block sums for MoBA's gate.
+
+    ``block_means`` has folded in the first ``means_seen`` cache slots (padded positions, ``[B, S]``
+    layout); the attention function appends the rest, unpadded with the call's padding mask.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.block_means: KeyBlockMeans | None = None
+        self.means_seen = 0
+
+    def invalidate_means(self) -> None:
+        self.block_means = None
+        self.means_seen = 0
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        setattr(keys, LAYER_ATTR, self)
+        return keys, values
+
+    def reset(self) -> None:
+        super().reset()
+        self.invalidate_means()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.invalidate_means()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.invalidate_means()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.invalidate_means()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.invalidate_means()
+
+    def offload(self) -> None:
+        super().offload()
+        self.invalidate_means()
+
+
+class MoBACache(DynamicCache):
+    """``DynamicCache`` whose full-attention layers are :class:`MoBACacheLayer` (sliding ones unchanged)."""
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = MoBACacheLayer
+        self.layers = [MoBACacheLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+
+
+def cached_block_means(
+    key: Tensor,
+    k_packed: Tensor,
+    mask_k: Tensor | None,
+    cu_k: Tensor,
+    block_size: int,
+) -> KeyBlockMeans | None:
+    """The running block means of the cache layer that produced ``key`` (``[B, Hkv, S, D]``), or None.
+
+    Brings them up to date with the slots appended since the last call. ``k_packed``/``cu_k`` are this
+    call's unpadded keys; ``mask_k`` is the ``[B, S]`` padding mask (``None``: no padding). Returns
+    ``None`` when ``key`` did not come from a :class:`MoBACacheLayer`.
+    """
+    layer = getattr(key, LAYER_ATTR, None)
+    if not isinstance(layer, MoBACacheLayer) or layer.keys is not key:
+        return None
+    batch, s_k = key.shape[0], key.shape[2]
+    means = layer.block_means
+    seen = layer.means_seen
+    if means is None or means.block_size != block_size or means.n_seq != batch or seen > s_k:
+        layer.block_means = KeyBlockMeans.from_keys(k_packed, block_size, cu_k)
+        layer.means_seen = s_k
+        return layer.block_means
+    if seen < s_k:
+        new = key[:, :, seen:].transpose(1, 2)  # [B, S_new, Hkv, D]
+        if mask_k is None:
+            counts = torch.full((batch,), s_k - seen, dtype=torch.int64, device=key.device)
+            new = new.reshape(-1, *new.shape[2:])
+        else:
+            m = mask_k[:, seen:]
+            counts = m.sum(1)
+            new = new[m]
+        cu_new = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        means.append(new, cu_new)
+        layer.means_seen = s_k
+    return means

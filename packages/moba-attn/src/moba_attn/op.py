@@ -1,0 +1,141 @@
+"""The public op: :func:`moba_attention` with backend dispatch, and :func:`available_backends`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from .block_means import KeyBlockMeans
+from .inputs import validate
+from .routing import route
+
+BACKENDS = ("triton", "flash", "flex", "torch")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _triton_runs_here() -> bool:
+    return _has("triton") and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _flex_exists() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, in auto-dispatch order (``"torch"`` always).
+
+    ``triton`` needs the ``triton`` package and a CUDA GPU (or ``TRITON_INTERPRET=1``); ``flash`` needs
+    ``flash-attn`` and a CUDA GPU; ``flex`` needs PyTorch's FlexAttention (forward on CPU, backward only on
+    GPU). Nothing is imported to answer, so this is cheap and initialises no CUDA context.
+    """
+    names = []
+    if _triton_runs_here():
+        names.append("triton")
+    if _has("flash_attn") and torch.cuda.is_available():
+        names.append("flash")
+    if _flex_exists():
+        names.append("flex")
+    names.append("torch")
+    return names
+
+
+def _auto(q: Tensor) -> str:
+    """Fastest applicable backend: triton > flash > flex > torch on CUDA; torch elsewhere."""
+    if q.device.type != "cuda":
+        return "torch"
+    if _has("triton"):
+        return "triton"
+    if _has("flash_attn") and q.dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    if _flex_exists():
+        return "flex"
+    return "torch"
+
+
+def moba_attention(
+    *,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_size: int,
+    topk: int,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    block_means: Tensor | KeyBlockMeans | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mixture of Block Attention (Lu et al. 2025, arXiv:2502.13189, Sec. 2.2).
+
+    Each query attends its own key block causally plus the ``topk - 1`` earlier blocks whose mean key
+    scores highest against it (fp32 gate, per head; ties go to the earlier block). With
+    ``topk * block_size >= T`` this is exactly causal softmax attention.
+
+    Args:
+        q: ``[Tq, Hq, D]`` packed queries.
+        k, v: ``[Tk, Hkv, D]`` packed keys and values; ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
+            reads kv head ``h // (Hq // Hkv)``; K/V are never repeated).
+        block_size: tokens per key block (any positive int; the last block of a sequence may be partial).
+        topk: key blocks per query, the own block included (``1`` = block-local causal attention).
+        cu_seqlens: int32 ``[N + 1]`` cumulative query lengths (flash-attn varlen); ``None`` = one sequence.
+        cu_seqlens_k: int32 ``[N + 1]`` cumulative key lengths. ``None`` = prefill (keys packed like the
+            queries). When given, each sequence's queries are the *last* ``len_q`` of its ``len_k``
+            positions (decode, chunked prefill): the result equals full-sequence MoBA at those positions.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (triton > flash > flex > torch where available and applicable; always
+            ``"torch"`` on CPU) or one of :func:`available_backends`.
+        return_lse: also return the log-sum-exp.
+        block_means: optional precomputed mean key per block, ``[NBLK, Hkv, D]`` fp32 in packed block
+            order (every sequence's ``ceil(len_k / block_size)`` blocks in turn), or a
+            :class:`~moba_attn.KeyBlockMeans` kept by a KV cache. Only complete earlier blocks are read.
+
+    Returns:
+        ``o [Tq, Hq, D]`` in ``q``'s dtype; with ``return_lse`` also ``lse [Tq, Hq]`` fp32, the natural
+        log of ``sum exp(scale * q . k)`` over the attended keys (differentiable).
+    """
+    layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale)
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"moba: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if isinstance(block_means, KeyBlockMeans):
+        block_means = block_means.means()
+    name = _auto(q) if backend == "auto" else backend
+    if name != "torch" and name not in available_backends():
+        raise RuntimeError(
+            f"moba: backend {name!r} is not available here (available: {available_backends()}); "
+            f"install the extra (pip install 'moba-attn[{name}]'), use a CUDA device, or pass backend='auto'"
+        )
+    if q.shape[0] == 0:
+        o = q.new_zeros(q.shape)
+        lse = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+        return (o, lse) if return_lse else o
+
+    if name == "triton":
+        from .triton_backend import moba_attention_triton
+
+        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means)
+    else:
+        routing = route(q, k, layout, topk, block_means)
+        if name == "torch":
+            from .torch_backend import moba_attention_torch
+
+            o, lse = moba_attention_torch(q, k, v, routing, scale)
+        elif name == "flex":
+            from .flex_backend import moba_attention_flex
+
+            o, lse = moba_attention_flex(q, k, v, routing, scale)
+        else:
+            from .flash_backend import moba_attention_flash
+
+            o, lse = moba_attention_flash(q, k, v, routing, scale)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,236 @@
+"""Triton kernels for MoBA (imported only by :mod:`moba_attn.triton_backend`, never at package import).
+
+* ``gate_topk_kernel``: gate scores and top-k in one pass over the block means, per (query tile, head);
+  the ``[T, n_blocks]`` score matrix is never written. Selection runs ``topk - 1`` rounds; round ``r``
+  takes the best block strictly *after* round ``r - 1``'s pick in the order (score descending, block
+  index ascending), so ties go to the earlier block exactly as ``torch.argmax`` does in
+  :func:`moba_attn.routing.select_blocks`.
+* ``attn_fwd_kernel``: block attention of a tile of gathered query rows against one key block (one kv
+  head), online softmax, writes the partial output and LSE. ``CAUSAL`` tiles are own blocks whose rows
+  are laid out by their offset in the block, so query row ``r`` sees keys ``c <= r``.
+* ``attn_bwd_dkdv_kernel`` / ``attn_bwd_dq_kernel``: the flash-attention backward on the same tiles
+  using the final (merged) LSE, accumulating into fp32 gradients with atomics (several tiles share keys
+  and rows).
+
+Tiles are at least 16 in every ``tl.dot`` dimension so that the kernels are valid on real GPUs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_topk_kernel(
+    Q, MEANS, OWN, TILE_R0, TILE_R1, TILE_BOFF, SEL,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NSEL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    r0 = tl.load(TILE_R0 + tile)
+    r1 = tl.load(TILE_R1 + tile)
+    boff = tl.load(TILE_BOFF + tile)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    q = tl.load(
+        Q + (rows[:, None] * HQ + h) * D + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+    )
+    q = q.to(tl.float32)
+    own = tl.load(OWN + rows, mask=rmask, other=0)  # local index of each row's own block
+    n_cand = tl.max(own, 0)
+    prev_s = tl.full([BM], float("inf"), tl.float32)
+    prev_i = tl.full([BM], -1, tl.int32)
+    for r in tl.static_range(NSEL):
+        best_s = tl.full([BM], float("-inf"), tl.float32)
+        best_i = tl.full([BM], -1, tl.int32)
+        for c0 in range(0, n_cand, BN):
+            cols = c0 + tl.arange(0, BN)
+            cmask = cols < n_cand
+            m = tl.load(
+                MEANS + ((boff + cols[:, None]) * HKV + hk) * D + dd[None, :],
+                mask=cmask[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(m), input_precision="ieee")
+            after_prev = (s < prev_s[:, None]) | ((s == prev_s[:, None]) & (cols[None, :] > prev_i[:, None]))
+            elig = (cols[None, :] < own[:, None]) & after_prev
+            sm = tl.where(elig, s, float("-inf"))
+            tmax = tl.max(sm, 1)
+            tidx = tl.min(tl.where(elig & (sm == tmax[:, None]), cols[None, :], 1 << 30), 1)
+            # chunks come in ascending block order, so an equal score from a later chunk never wins
+            upd = (tidx < (1 << 30)) & ((best_i < 0) | (tmax > best_s))
+            best_s = tl.where(upd, tmax, best_s)
+            best_i = tl.where(upd, tidx, best_i)
+        tl.store(SEL + (rows * HQ + h) * NSEL + r, tl.where(best_i >= 0, best_i + boff, -1), mask=rmask)
+        prev_s = best_s
+        prev_i = best_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, ROWS_Q, ROWS_O, KSTART, KLEN, KVH, scale,
+    HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    rb = tl.program_id(1)
+    ridx = rb * BM + tl.arange(0, BM)
+    rmask = ridx < R
+    qrow = tl.load(ROWS_Q + tile * R + ridx, mask=rmask, other=-1).to(tl.int64)
+    orow = tl.load(ROWS_O + tile * R + ridx, mask=rmask, other=-1).to(tl.int64)
+    valid = qrow >= 0
+    ks = tl.load(KSTART + tile).to(tl.int64)  # int64 offsets: T * H * D may pass 2**31
+    kl = tl.load(KLEN + tile)
+    hk = tl.load(KVH + tile)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    q = tl.load(Q + qrow[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    kend = kl
+    if CAUSAL:
+        kend = tl.minimum(kl, rb * BM + BM)
+    for n0 in range(0, kend, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < kl
+        kv_off = ((ks + cols[:, None]) * HKV + hk) * D + dd[None, :]
+        kk = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kk))
+        s = s * scale
+        allowed = cmask[None, :]
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= ridx[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, vv.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vv.dtype), vv)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
+    tl.store(O + orow[:, None] * D + dd[None, :], o, mask=valid[:, None] & dmask[None, :])
+    tl.store(LSE + orow, lse, mask=valid)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ROWS_Q, KSTART, KLEN, KVH, scale,
+    HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    cb = tl.program_id(1)
+    ks = tl.load(KSTART + tile).to(tl.int64)  # int64 offsets: T * H * D may pass 2**31
+    kl = tl.load(KLEN + tile)
+    hk = tl.load(KVH + tile)
+    cols = cb * BN + tl.arange(0, BN)
+    cmask = cols < kl
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    kv_off = ((ks + cols[:, None]) * HKV + hk) * D + dd[None, :]
+    kk = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+    vv = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dv = tl.zeros([BN, BD], tl.float32)
+    start = 0
+    if CAUSAL:
+        start = (cb * BN // BM) * BM
+    for m0 in range(start, R, BM):
+        ridx = m0 + tl.arange(0, BM)
+        rmask = ridx < R
+        qrow = tl.load(ROWS_Q + tile * R + ridx, mask=rmask, other=-1).to(tl.int64)
+        valid = qrow >= 0
+        ld = valid[:, None] & dmask[None, :]
+        q = tl.load(Q + qrow[:, None] * D + dd[None, :], mask=ld, other=0.0)
+        do = tl.load(DO + qrow[:, None] * D + dd[None, :], mask=ld, other=0.0)
+        lse = tl.load(LSE + qrow, mask=valid, other=float("inf"))
+        delta = tl.load(DELTA + qrow, mask=valid, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kk))
+        allowed = cmask[None, :] & valid[:, None]
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= ridx[:, None])
+        p = tl.where(allowed, tl.exp(s * scale - lse[:, None]), 0.0)
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+            dp = tl.dot(do.to(tl.float32), tl.trans(vv.to(tl.float32)), input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None]) * scale
+        if IEEE:
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+        else:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    st = cmask[:, None] & dmask[None, :]
+    tl.atomic_add(DK + kv_off, dk, mask=st)
+    tl.atomic_add(DV + kv_off, dv, mask=st)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, ROWS_Q, KSTART, KLEN, KVH, scale,
+    HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    rb = tl.program_id(1)
+    ridx = rb * BM + tl.arange(0, BM)
+    rmask = ridx < R
+    qrow = tl.load(ROWS_Q + tile * R + ridx, mask=rmask, other=-1).to(tl.int64)
+    valid = qrow >= 0
+    ks = tl.load(KSTART + tile).to(tl.int64)  # int64 offsets: T * H * D may pass 2**31
+    kl = tl.load(KLEN + tile)
+    hk = tl.load(KVH + tile)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    ld = valid[:, None] & dmask[None, :]
+    q = tl.load(Q + qrow[:, None] * D + dd[None, :], mask=ld, other=0.0)
+    do = tl.load(DO + qrow[:, None] * D + dd[None, :], mask=ld, other=0.0)
+    lse = tl.load(LSE + qrow, mask=valid, other=float("inf"))
+    delta = tl.load(DELTA + qrow, mask=valid, other=0.0)
+    dq = tl.zeros([BM, BD], tl.float32)
+    kend = kl
+    if CAUSAL:
+        kend = tl.minimum(kl, rb * BM + BM)
+    for n0 in range(0, kend, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < kl
+        kv_off = ((ks + cols[:, None]) * HKV + hk) * D + dd[None, :]
+        kk = tl.load(K + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(V + kv_off, mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+            dp = tl.dot(do.to(tl.float32), tl.trans(vv.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kk))
+            dp = tl.dot(do, tl.trans(vv))
+        allowed = cmask[None, :] & valid[:, None]
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= ridx[:, None])
+        p = tl.where(allowed, tl.exp(s * scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None]) * scale
+        if IEEE:
+            dq += tl.dot(ds, kk.to(tl.float32), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(kk.dtype), kk)
+    tl.atomic_add(DQ + qrow[:, None] * D + dd[None, :], dq, mask=ld)
