@@ -1,0 +1,300 @@
+"""ProML: prompt-based metric learning for few-shot NER (Chen, Zheng, Yang, Findings of ACL 2023).
+
+Support words are encoded under the option-prefix and the label-aware prompts and fused
+(:mod:`proml_ner.fusion`); query words under the option-prefix prompt alone. Training maps words to
+Gaussians and minimises the contrastive nearest-neighbour loss over symmetric KL between query and support
+words (:mod:`proml_ner.gaussian`). Inference scores each class by the mean distance to its ``k`` closest
+support words (``k`` = shots) in the fused encoder space, optionally followed by StructShot Viterbi.
+
+Saved models are folders of ``config.json`` + ``model.safetensors`` + tokenizer files (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .decoding import AbstractTransitions, class_scores, squared_euclidean, viterbi_decode
+from .encoder import TokenEncoder, encode_sentences, word_pieces
+from .formats import Episode, Sentence
+from .fusion import MultiPromptFusion
+from .gaussian import GaussianHead, nca_loss, sym_kl
+from .metrics import entity_spans
+from .prompts import SCHEMAS, PromptContext, get_schema
+from .verbalizer import Verbalizer
+
+__all__ = ["ProML", "ProMLConfig", "estimate_shots"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ProMLConfig:
+    """Hyper-parameters of ProML; defaults follow the paper (Sec. 4.2) where it gives them.
+
+    encoder: name or local path for ``AutoModel``/``AutoTokenizer`` (recorded; saved models carry the
+        encoder's own config so they load offline). embedding_dim: Gaussian dimension (128).
+    schemas: enabled prompt schemas (ablation switch): any of ``option_prefix``, ``label_aware``.
+    fusion_lambda: support weight of the option-prefix vectors (paper grid 0.3/0.5/0.7); learn_lambda
+        learns it instead. hidden_layers: last layers averaged (4). max_length: encoder tokens per window,
+        prompt included; window_overlap: words shared by consecutive windows.
+    inference_space: ``encoder`` (fused encoder vectors, squared Euclidean; the paper's choice) or
+        ``gaussian`` (symmetric KL). top_k: neighbours per class (None: the support's shots).
+    viterbi / viterbi_weight: StructShot decoding and its transition scale.
+    label_words: type -> label words overriding the default verbaliser.
+    """
+
+    encoder: str = "bert-base-uncased"
+    embedding_dim: int = 128
+    schemas: tuple[str, ...] = ("option_prefix", "label_aware")
+    fusion_lambda: float = 0.5
+    learn_lambda: bool = False
+    hidden_layers: int = 4
+    max_length: int = 128
+    window_overlap: int = 16
+    inference_space: str = "encoder"
+    top_k: int | None = None
+    viterbi: bool = False
+    viterbi_weight: float = 1.0
+    label_words: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        self.schemas = tuple(self.schemas)
+        bad = [s for s in self.schemas if s not in ("option_prefix", "label_aware")]
+        if bad or not self.schemas:
+            raise ValueError(
+                f"ProMLConfig: schemas={self.schemas} must be a non-empty subset of "
+                f"('option_prefix', 'label_aware'); registered schemas: {sorted(SCHEMAS)}"
+            )
+        if not 0.0 <= self.fusion_lambda <= 1.0:
+            raise ValueError(f"ProMLConfig: fusion_lambda={self.fusion_lambda} must be in [0, 1]")
+        if self.embedding_dim < 1 or self.hidden_layers < 1 or self.batch_size < 1:
+            raise ValueError("ProMLConfig: embedding_dim, hidden_layers and batch_size must be >= 1")
+        if self.max_length < 8:
+            raise ValueError(f"ProMLConfig: max_length={self.max_length} must be >= 8")
+        if self.window_overlap < 0:
+            raise ValueError(f"ProMLConfig: window_overlap={self.window_overlap} must be >= 0")
+        if self.inference_space not in ("encoder", "gaussian"):
+            raise ValueError(
+                f"ProMLConfig: inference_space={self.inference_space!r}: 'encoder' or 'gaussian'"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"ProMLConfig: top_k={self.top_k} must be None or >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["schemas"] = list(self.schemas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProMLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ProMLConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def estimate_shots(support: Sequence[Sentence], types: Sequence[str]) -> int:
+    """K of a support set: the fewest entities any type has (greedy K~2K sampling gives >= K)."""
+    counts = Counter(t for s in support for _, _, t in entity_spans(s.labels))
+    present = [counts[t] for t in types if counts[t] > 0]
+    return max(1, min(present)) if present else 1
+
+
+class ProML(nn.Module):
+    """The ProML model around any ``transformers`` encoder (hidden size read from its config)."""
+
+    def __init__(self, config: ProMLConfig, encoder_model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = TokenEncoder(encoder_model, config.hidden_layers)
+        self.head = GaussianHead(self.encoder.hidden_size, config.embedding_dim)
+        self.fusion = MultiPromptFusion(config.fusion_lambda, config.learn_lambda)
+        self.verbalizer = Verbalizer(config.label_words)
+        self.transitions = AbstractTransitions()
+
+    # ------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_encoder(cls, encoder: str, config: ProMLConfig | None = None, **overrides) -> ProML:
+        """A fresh ProML on a pretrained encoder (name or local folder; offline if it is local)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        cfg = config or ProMLConfig(encoder=encoder, **overrides)
+        if config is not None and overrides:
+            cfg = ProMLConfig.from_dict({**config.to_dict(), **overrides, "encoder": encoder})
+        return cls(cfg, AutoModel.from_pretrained(encoder), AutoTokenizer.from_pretrained(encoder))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def prompt_context(self, types: Sequence[str]) -> PromptContext:
+        return PromptContext.build(self.tokenizer, types, self.verbalizer.words(types))
+
+    # ------------------------------------------------------------------------------------ encoding
+    def _encode(self, words, schema: str, ctx, labels=None, pieces=None) -> list[Tensor]:
+        return encode_sentences(
+            self.encoder,
+            self.tokenizer,
+            words,
+            get_schema(schema),
+            ctx,
+            labels=labels,
+            max_length=self.config.max_length,
+            overlap=self.config.window_overlap,
+            batch_size=self.config.batch_size,
+            pieces=pieces,
+        )
+
+    def represent(
+        self,
+        words: Sequence[Sequence[str]],
+        types: Sequence[str],
+        labels: Sequence[Sequence[str]] | None = None,
+        ctx: PromptContext | None = None,
+    ) -> list[Tensor]:
+        """Fused word vectors, one ``(n_words, H)`` tensor per sentence.
+
+        With ``labels`` (support side) the enabled schemas are fused; without (query side) only the
+        option-prefix prompt is used (``plain`` when it is ablated): no gold label reaches a query.
+        """
+        ctx = ctx or self.prompt_context(types)
+        pieces = [word_pieces(self.tokenizer, w) for w in words]
+        enabled = self.config.schemas
+        if labels is None:
+            schema = "option_prefix" if "option_prefix" in enabled else "plain"
+            return self._encode(words, schema, ctx, pieces=pieces)
+        per_schema = {s: self._encode(words, s, ctx, labels=labels, pieces=pieces) for s in enabled}
+        return [self.fusion({s: per_schema[s][i] for s in enabled}, enabled) for i in range(len(words))]
+
+    def _support_tensors(
+        self, support: Sequence[Sentence], types: Sequence[str], ctx
+    ) -> tuple[Tensor, Tensor]:
+        reps = self.represent([s.words for s in support], types, [s.labels for s in support], ctx)
+        index = {t: i + 1 for i, t in enumerate(types)}
+        labels = torch.tensor([index.get(lab, 0) for s in support for lab in s.labels], device=self.device)
+        return torch.cat(reps, 0), labels
+
+    # ------------------------------------------------------------------------------------ training
+    def episode_loss(self, episode: Episode) -> Tensor:
+        """NCA loss over symmetric KL between Gaussian query and support words (Sec. 3.4)."""
+        types = list(episode.types)
+        ctx = self.prompt_context(types)
+        s_rep, s_lab = self._support_tensors(episode.support, types, ctx)
+        q_reps = self.represent([s.words for s in episode.query], types, None, ctx)
+        index = {t: i + 1 for i, t in enumerate(types)}
+        q_lab = torch.tensor([index.get(x, 0) for s in episode.query for x in s.labels], device=self.device)
+        q_mu, q_var = self.head(torch.cat(q_reps, 0))
+        s_mu, s_var = self.head(s_rep)
+        return nca_loss(sym_kl(q_mu, q_var, s_mu, s_var), q_lab, s_lab)
+
+    def support_loss(self, support: Sequence[Sentence], types: Sequence[str]) -> Tensor:
+        """Test-time fine-tuning loss: support words (option-prefix view) against the fused support,
+        each word excluded from its own neighbours."""
+        ctx = self.prompt_context(types)
+        s_rep, s_lab = self._support_tensors(support, types, ctx)
+        q_rep = torch.cat(self.represent([s.words for s in support], types, None, ctx), 0)
+        q_mu, q_var = self.head(q_rep)
+        s_mu, s_var = self.head(s_rep)
+        eye = torch.eye(len(s_lab), dtype=torch.bool, device=self.device)
+        return nca_loss(sym_kl(q_mu, q_var, s_mu, s_var), s_lab, s_lab, exclude=eye)
+
+    # ------------------------------------------------------------------------------------ inference
+    def _space(self, reps: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return reps if self.config.inference_space == "encoder" else self.head(reps)
+
+    def distances(self, query: Tensor, support: Tensor) -> Tensor:
+        if self.config.inference_space == "encoder":
+            return squared_euclidean(query, support)
+        q_mu, q_var = self.head(query)
+        s_mu, s_var = self.head(support)
+        return sym_kl(q_mu, q_var, s_mu, s_var)
+
+    def decode(
+        self, query_reps: Sequence[Tensor], support_reps: Tensor, support_labels: Tensor, n_types: int, k: int
+    ) -> tuple[list[list[int]], list[Tensor]]:
+        """Class ids (0 = O) and per-class probabilities for each query sentence."""
+        paths, probs = [], []
+        log_t, log_s = self.transitions.matrix(n_types)
+        for q in query_reps:
+            if q.shape[0] == 0:
+                paths.append([])
+                probs.append(q.new_zeros((0, n_types + 1)))
+                continue
+            scores = class_scores(self.distances(q, support_reps), support_labels, n_types + 1, k)
+            logp = torch.log_softmax(scores.float(), dim=-1)
+            probs.append(logp.exp())
+            if self.config.viterbi:
+                paths.append(viterbi_decode(logp, log_t, log_s, self.config.viterbi_weight))
+            else:
+                paths.append(logp.argmax(-1).tolist())
+        return paths, probs
+
+    @torch.no_grad()
+    def predict_episode(self, episode: Episode) -> list[list[str]]:
+        """IO labels for every query sentence of ``episode``."""
+        types = list(episode.types)
+        ctx = self.prompt_context(types)
+        s_rep, s_lab = self._support_tensors(episode.support, types, ctx)
+        q_reps = self.represent([s.words for s in episode.query], types, None, ctx)
+        k = self.config.top_k or estimate_shots(episode.support, types)
+        paths, _ = self.decode(q_reps, s_rep, s_lab, len(types), k)
+        names = ["O", *types]
+        return [[names[c] for c in p] for p in paths]
+
+    # ------------------------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``config.json`` (ProML + encoder config) + ``model.safetensors`` + tokenizer files."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "proml": self.config.to_dict(),
+            "encoder_config": self.encoder.model.config.to_dict(),
+            "transitions": asdict(self.transitions),
+            "format": "proml-ner/1",
+        }
+        (d / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(str(d))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> ProML:
+        """Load a folder written by :meth:`save_pretrained`; needs no network."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"ProML.from_pretrained: {d} needs {CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained)"
+            )
+        meta = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+        if meta.get("format") != "proml-ner/1":
+            raise ValueError(f"ProML.from_pretrained: {d / CONFIG_NAME} is not a proml-ner model folder")
+        enc_cfg = dict(meta["encoder_config"])
+        enc = AutoModel.from_config(AutoConfig.for_model(**enc_cfg))
+        model = cls(ProMLConfig.from_dict(meta["proml"]), enc, AutoTokenizer.from_pretrained(str(d)))
+        model.transitions = AbstractTransitions(**meta.get("transitions", {}))
+        state = load_file(str(d / WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # position_ids-style buffers may differ across transformers versions; real weights may not.
+        real_missing = [k for k in missing if not k.endswith("position_ids")]
+        if real_missing or unexpected:
+            raise ValueError(
+                f"ProML.from_pretrained: weights do not match the config (missing {real_missing[:5]}, "
+                f"unexpected {list(unexpected)[:5]})"
+            )
+        return model.to(device).eval()

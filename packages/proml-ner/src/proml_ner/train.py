@@ -1,0 +1,236 @@
+"""Episodic training and Few-NERD evaluation (ProML Sec. 4.2; Ding et al. 2021 Sec. 5).
+
+AdamW with a linear warm-up then linear decay, gradient clipping, evaluation on dev episodes every
+``eval_every`` steps keeping the best state (in memory, and on disk when ``output_dir`` is given), and the
+seeds recorded in the result. The encoder and the heads have separate learning rates. Optional test-time
+fine-tuning adapts a copy of the model to one episode's support set (domain transfer, Sec. 4.5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .formats import Episode
+from .metrics import EntityCounts, score
+
+__all__ = [
+    "EpisodicModel",
+    "EvalResult",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "freeze_lower_layers",
+    "seed_everything",
+    "train",
+]
+
+
+class EpisodicModel(Protocol):
+    def episode_loss(self, episode: Episode) -> Tensor: ...
+    def predict_episode(self, episode: Episode) -> list[list[str]]: ...
+
+
+@dataclass
+class TrainConfig:
+    """steps: training episodes; lr: encoder learning rate; head_lr: Gaussian head / fusion rate;
+    warmup: fraction of steps of linear warm-up; clip: max gradient norm; eval_every: steps between dev
+    evaluations (0: only at the end); finetune_steps/finetune_lr: test-time fine-tuning on each support;
+    trainable_layers: train only the top N encoder layers (None: all; 0: heads only), a CPU-budget knob
+    (the paper fine-tunes the whole encoder)."""
+
+    steps: int = 100
+    lr: float = 3e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    clip: float = 1.0
+    eval_every: int = 0
+    seed: int = 0
+    output_dir: str | None = None
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-5
+    trainable_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.eval_every < 0 or self.finetune_steps < 0:
+            raise ValueError("TrainConfig: steps, eval_every and finetune_steps must be >= 0")
+        if self.trainable_layers is not None and self.trainable_layers < 0:
+            raise ValueError(f"TrainConfig: trainable_layers={self.trainable_layers} must be None or >= 0")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"TrainConfig: warmup={self.warmup} is a fraction of steps in [0, 1]")
+        if self.lr <= 0 or self.head_lr <= 0 or self.clip <= 0:
+            raise ValueError("TrainConfig: lr, head_lr and clip must be > 0")
+
+
+@dataclass
+class EvalResult:
+    counts: EntityCounts
+    per_episode: list[EntityCounts]
+    predictions: list[list[list[str]]] = field(default_factory=list, repr=False)
+
+    @property
+    def f1(self) -> float:
+        return self.counts.f1
+
+
+@dataclass
+class TrainResult:
+    best_f1: float
+    best_step: int
+    history: list[dict]
+    seed: int
+    seconds_per_episode: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the legacy global RNG other code may use
+    torch.manual_seed(seed)
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def freeze_lower_layers(model: nn.Module, trainable_layers: int | None) -> None:
+    """Leave only the top ``trainable_layers`` encoder layers (and every non-encoder module) trainable."""
+    if trainable_layers is None:
+        return
+    names = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
+    depth = 1 + max((int(m.group(1)) for n in names if (m := _LAYER.search(n))), default=-1)
+    for name, p in model.named_parameters():
+        if not name.startswith("encoder."):
+            continue
+        m = _LAYER.search(name)
+        p.requires_grad_(m is not None and int(m.group(1)) >= depth - trainable_layers)
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (enc if name.startswith("encoder.") else rest).append(p)
+    groups = [{"params": enc, "lr": cfg.lr}] if enc else []
+    if rest:
+        groups.append({"params": rest, "lr": cfg.head_lr})
+    return groups
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    w = int(total * warmup)
+    if w and step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+def evaluate(
+    model: EpisodicModel,
+    episodes: Sequence[Episode],
+    finetune: TrainConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Micro P/R/F1 over all query sentences of all ``episodes`` (Few-NERD's protocol)."""
+    counts, per = EntityCounts(), []
+    preds = []
+    was_training = getattr(model, "training", False)
+    for i, ep in enumerate(episodes):
+        m = model
+        if finetune is not None and finetune.finetune_steps > 0:
+            m = finetune_on_support(model, ep, finetune)
+        if hasattr(m, "eval"):
+            m.eval()
+        p = m.predict_episode(ep)
+        c = score([s.labels for s in ep.query], p)
+        counts += c
+        per.append(c)
+        preds.append(p)
+        if progress:
+            progress(i)
+    if was_training and hasattr(model, "train"):
+        model.train()
+    return EvalResult(counts, per, preds)
+
+
+def finetune_on_support(model, episode: Episode, cfg: TrainConfig):
+    """A copy of ``model`` fine-tuned for ``cfg.finetune_steps`` steps on the episode's support alone."""
+    if not hasattr(model, "support_loss"):
+        raise ValueError(f"finetune_on_support: {type(model).__name__} has no support_loss")
+    m = copy.deepcopy(model)
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.finetune_lr)
+    for _ in range(cfg.finetune_steps):
+        loss = m.support_loss(episode.support, episode.types)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip)
+        opt.step()
+    return m.eval()
+
+
+def train(
+    model: nn.Module,
+    train_episodes: Sequence[Episode],
+    dev_episodes: Sequence[Episode] = (),
+    config: TrainConfig | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Episodic training; the model ends holding its best dev state (or the last if no dev episodes)."""
+    cfg = config or TrainConfig()
+    if not train_episodes:
+        raise ValueError("train: train_episodes is empty")
+    seed_everything(cfg.seed)
+    freeze_lower_layers(model, cfg.trainable_layers)
+    opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps, cfg.warmup))
+    order = random.Random(cfg.seed)
+    history: list[dict] = []
+    best_f1, best_step, best_state = -1.0, 0, None
+    model.train()
+    t0, ran = time.perf_counter(), 0
+    eval_points = set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) if cfg.eval_every else set()
+    eval_points.add(cfg.steps)
+    for step in range(1, cfg.steps + 1):
+        ep = train_episodes[order.randrange(len(train_episodes))]
+        loss = model.episode_loss(ep)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+        opt.step()
+        sched.step()
+        ran += 1
+        history.append({"step": step, "loss": float(loss.detach())})
+        if progress:
+            progress(step, float(loss.detach()))
+        if dev_episodes and step in eval_points:
+            f1 = evaluate(model, dev_episodes).f1
+            history[-1]["dev_f1"] = f1
+            if f1 > best_f1:
+                best_f1, best_step = f1, step
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if cfg.output_dir and hasattr(model, "save_pretrained"):
+                    model.save_pretrained(cfg.output_dir)
+            model.train()
+    seconds = (time.perf_counter() - t0) / max(1, ran)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif cfg.output_dir and hasattr(model, "save_pretrained"):
+        model.save_pretrained(cfg.output_dir)
+    model.eval()
+    result = TrainResult(best_f1, best_step, history, cfg.seed, seconds)
+    if cfg.output_dir:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "train_result.json").write_text(
+            json.dumps({"config": asdict(cfg), **asdict(result)}, indent=1), encoding="utf-8"
+        )
+    return result

@@ -1,0 +1,75 @@
+"""Masked weighted fusion, nearest-neighbour class scores, and Viterbi against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from proml_ner.decoding import AbstractTransitions, class_scores, squared_euclidean, viterbi_decode
+from proml_ner.fusion import MultiPromptFusion, masked_weighted_average
+
+
+def test_masked_weighted_average_is_convex_and_masks():
+    reps = torch.randn(2, 3, 4, dtype=torch.float64)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    out = masked_weighted_average(reps, w, mask)
+    torch.testing.assert_close(out[0], 0.3 * reps[0, 0] + 0.7 * reps[1, 0])
+    torch.testing.assert_close(out[1], reps[0, 1])  # second schema masked: renormalised
+    torch.testing.assert_close(out[2], reps[1, 2])
+    with pytest.raises(ValueError, match="no schema present"):
+        masked_weighted_average(reps, w, torch.zeros(2, 3))
+
+
+def test_fusion_lambda_fixed_learned_and_ablated():
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    fixed = MultiPromptFusion(0.3)
+    out = fixed({"option_prefix": a, "label_aware": b}, ["option_prefix", "label_aware"])
+    torch.testing.assert_close(out, 0.3 * a + 0.7 * b)
+    torch.testing.assert_close(fixed({"option_prefix": a, "label_aware": b}, ["label_aware"]), b)
+    learned = MultiPromptFusion(0.7, learn_lambda=True)
+    assert learned.fusion_lambda.item() == pytest.approx(0.7, abs=1e-6)
+    learned({"option_prefix": a, "label_aware": b}, ["option_prefix", "label_aware"]).sum().backward()
+    assert learned.lambda_logit.grad is not None and learned.lambda_logit.grad.abs() > 0
+    with pytest.raises(ValueError, match=r"fusion_lambda=1\.5"):
+        MultiPromptFusion(1.5)
+
+
+def test_class_scores_topk_mean():
+    dist = torch.tensor([[1.0, 4.0, 2.0, 9.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    s = class_scores(dist, labels, 3, k=2)
+    assert s[0, 0].item() == pytest.approx(-2.5)  # mean of 1, 4
+    assert s[0, 1].item() == pytest.approx(-2.5)  # mean of 2, 3
+    assert s[0, 2].item() == float("-inf")  # class without support words
+    s1 = class_scores(dist, labels, 3, k=1)
+    assert s1[0, :2].tolist() == [-1.0, -2.0]
+    torch.testing.assert_close(squared_euclidean(torch.eye(2), torch.eye(2)), 2 - 2 * torch.eye(2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_viterbi_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    T, n_types = 5, 2
+    em = torch.log_softmax(torch.randn(T, n_types + 1, generator=g, dtype=torch.float64), -1)
+    tr, st = AbstractTransitions().matrix(n_types)
+    best, best_path = -float("inf"), None
+    for path in itertools.product(range(n_types + 1), repeat=T):
+        s = (
+            st[path[0]]
+            + em[0, path[0]]
+            + sum(tr[a, b] + em[t + 1, b] for t, (a, b) in enumerate(itertools.pairwise(path)))
+        )
+        if s > best:
+            best, best_path = float(s), list(path)
+    assert viterbi_decode(em, tr, st) == best_path
+
+
+def test_transitions_estimate_and_rows_normalised():
+    t = AbstractTransitions.estimate([["O", "a", "a", "O", "b"], ["b", "a"]], smoothing=0.0)
+    assert t.o_o == 0 and t.o_i == 1 and t.i_same == pytest.approx(1 / 3) and t.start_o == 0.5
+    log_t, log_s = AbstractTransitions().matrix(3)
+    torch.testing.assert_close(log_t.exp().sum(1), torch.ones(4, dtype=torch.float64))
+    assert log_s.exp().sum().item() == pytest.approx(1.0)

@@ -1,0 +1,163 @@
+"""ProMLNer (support index, predict with character offsets, save/load, errors) and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_bert
+
+from proml_ner.cli import main
+from proml_ner.formats import Sentence
+from proml_ner.model import ProML, ProMLConfig
+from proml_ner.pipeline import ProMLNer, SupportIndex
+
+SUPPORT = [
+    {
+        "words": ["Serena", "Williams", "won", "in", "Paris", "."],
+        "tags": ["B-athlete", "I-athlete", "O", "O", "B-city", "O"],
+    },
+    {
+        "text": "Usain Bolt ran in Kingston.",
+        "spans": [{"start": 0, "end": 10, "label": "athlete"}, {"start": 18, "end": 26, "label": "city"}],
+    },
+    Sentence(["Lagos", "is", "big"], ["city", "O", "O"]),
+    "Simone B-athlete\nBiles I-athlete\njumped O\n",
+]
+
+
+@pytest.fixture(scope="module")
+def ner(tokenizer):
+    cfg = ProMLConfig(encoder="tiny", embedding_dim=16, hidden_layers=2, max_length=32, window_overlap=4)
+    return ProMLNer(ProML(cfg, tiny_bert(tokenizer, layers=2), tokenizer))
+
+
+def test_predict_spans_have_character_offsets(ner):
+    index = ner.support(SUPPORT)
+    assert index.types == ["athlete", "city"] and index.vectors.shape[0] == 6 + 6 + 3 + 3
+    texts = ["Serena Williams won in Paris.", "Nothing here", ""]
+    out, tags = ner.predict(texts, support=index, return_tags=True)
+    assert len(out) == 3 and tags[2] == [] and len(tags[0]) == 6
+    for text, ents in zip(texts, out):
+        for e in ents:
+            assert text[e["start"] : e["end"]] == e["text"] and e["label"] in index.types
+            assert 0.0 <= e["score"] <= 1.0
+    # cached index and raw examples give the same answer
+    assert ner.predict(texts, support=SUPPORT) == out
+
+
+def test_long_text_is_windowed(ner):
+    text = " ".join(["Serena Williams won in Paris ."] * 40)  # 240 words, windows of 32 tokens
+    index = ner.support(SUPPORT)
+    _, tags = ner.predict([text], support=index, return_tags=True)
+    assert len(tags[0]) == 240
+
+
+def test_index_and_model_save_load_roundtrip(ner, tmp_path):
+    index = ner.support(SUPPORT)
+    index.save(tmp_path / "index.safetensors")
+    back = SupportIndex.load(tmp_path / "index.safetensors")
+    assert back.types == index.types and back.shots == index.shots
+    torch.testing.assert_close(back.vectors, index.vectors, rtol=0, atol=0)
+    ner.save_pretrained(tmp_path / "model")
+    ner2 = ProMLNer.from_pretrained(tmp_path / "model")
+    text = ["Simone Biles jumped in Lagos ."]
+    assert ner2.predict(text, support=back) == ner.predict(text, support=index)
+
+
+def test_zero_shot_fallback(ner):
+    out = ner.predict(["Serena Williams won in Paris ."], labels=["athlete", "city"])
+    assert isinstance(out[0], list)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        ({"support": []}, ValueError, "no examples"),
+        ({"support": SUPPORT, "labels": ["athlete"]}, ValueError, r"\['city'\] occur in the support"),
+        ({"support": [{"words": ["a"], "tags": ["X-athlete"]}]}, ValueError, "B- or I-"),
+        ({"support": [{"words": ["a", "b"], "tags": ["B-x", "y"]}]}, ValueError, "mix prefixed"),
+        ({"support": [{"words": ["a"], "tags": ["O"]}]}, ValueError, "no entity"),
+        ({}, ValueError, "give support="),
+        ({"support": [42]}, ValueError, "got int"),
+    ],
+)
+def test_bad_input(ner, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        ner.predict(["a text"], **kwargs)
+
+
+def test_texts_must_be_strings(ner):
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        ner.predict(["ok", 3], labels=["x"])
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tokenizer, tmp_path, capsys):
+    enc = tmp_path / "encoder"
+    tiny_bert(tokenizer, layers=2).save_pretrained(enc)
+    tokenizer.save_pretrained(enc)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        f"model: {{encoder: {enc}, embedding_dim: 16, hidden_layers: 2}}\n"
+        "train: {steps: 2, eval_every: 2}\n"
+        "data: {train: 'synthetic:train', dev: 'synthetic:dev', test: 'synthetic:test'}\n"
+        "episodes: {n_way: 2, k_shot: 1, train: 2, dev: 1, test: 2}\n"
+        f"output_dir: {tmp_path / 'model'}\nseed: 3\n"
+    )
+    assert main(["train", str(cfg)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seed"] == 3
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        f'output_dir = "{tmp_path / "model"}"\nseed = 3\n[episodes]\nn_way = 2\nk_shot = 1\ntest = 2\n'
+    )
+    assert main(["eval", str(toml)]) == 0
+    res = json.loads((tmp_path / "model" / "eval" / "result.json").read_text())
+    assert 0.0 <= res["f1"] <= 1.0 and res["seed"] == 3
+    assert (tmp_path / "model" / "eval" / "episodes.csv").is_file()
+    sup = tmp_path / "support.conll"
+    sup.write_text("Serena B-athlete\nWilliams I-athlete\nwon O\n\nParis B-city\nis O\n")
+    assert (
+        main(["predict", "--model", str(tmp_path / "model"), "--support", str(sup), "Serena won in Paris ."])
+        == 0
+    )
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["text"] == "Serena won in Paris ." and isinstance(line["entities"], list)
+    flat = tmp_path / "flat.txt"
+    assert main(["convert", "--from", "conll", "--to", "fewnerd-flat", str(sup), str(flat)]) == 0
+    assert flat.read_text().startswith("Serena\tathlete\n")
+    big = tmp_path / "big.txt"
+    from proml_ner.formats import write_fewnerd_flat
+    from proml_ner.synthetic import synthetic_corpus
+
+    write_fewnerd_flat(big, synthetic_corpus("test", 200, seed=0))
+    eps = tmp_path / "eps.jsonl"
+    assert (
+        main(
+            [
+                "sample",
+                "--input",
+                str(big),
+                "--n-way",
+                "3",
+                "--k-shot",
+                "1",
+                "--episodes",
+                "4",
+                "--out",
+                str(eps),
+            ]
+        )
+        == 0
+    )
+    assert len(eps.read_text().splitlines()) == 4
+    assert main(["predict", "--model", str(tmp_path / "nope"), "text", "--labels", "x"]) == 2
+    assert "needs config.json" in capsys.readouterr().err
+
+
+def test_cli_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "proml_ner.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "convert" in out.stdout
