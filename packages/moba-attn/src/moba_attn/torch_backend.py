@@ -47,8 +47,14 @@ class TorchPlan:
         tq, hq, ns = routing.selected.shape
         pairs = RoutedPairs.build(routing, hkv)
         dev = routing.selected.device
-        rows = tile_rows or max(16, min(bs, 512))
         counts = pairs.group_start[1:] - pairs.group_start[:-1]
+        if tile_rows is None:
+            # Tiles as tall as the busiest (kv head, block) group needs, up to min(block, 512) rows: a
+            # decode step routes one query per group, and a 512-row tile would be 511 rows of padding.
+            busiest = int(counts.max()) if counts.numel() else 1
+            rows = max(1, min(bs, 512, 1 << max(busiest - 1, 0).bit_length()))
+        else:
+            rows = tile_rows
         tiles_per_group = (counts + rows - 1) // rows
         n_tiles = int(tiles_per_group.sum())
         tile_offset = torch.cumsum(tiles_per_group, 0) - tiles_per_group
@@ -92,8 +98,9 @@ def _unstack_heads(x: Tensor, hq: int) -> Tensor:
     return y.reshape(nb * bs, hq, *rest)
 
 
-def _causal(bs: int, grp: int, device: torch.device) -> Tensor:
-    return torch.ones(bs, bs, dtype=torch.bool, device=device).tril().repeat(grp, 1)
+def _causal(bs: int, grp: int, device: torch.device, first_row: int = 0) -> Tensor:
+    """Causal mask of query offsets ``[first_row, bs)`` over key offsets ``[0, bs)``, tiled per GQA head."""
+    return torch.ones(bs, bs, dtype=torch.bool, device=device).tril()[first_row:].repeat(grp, 1)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: TorchPlan, scale: float) -> tuple[Tensor, Tensor]:
@@ -107,13 +114,18 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: TorchPlan, scale: float) -> 
     # 1. own blocks, causal
     o_self = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
     lse_self = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=dev)
-    mask = _causal(bs, grp, dev)
     step = max(1, _SCRATCH_ELEMS // (hq * bs * bs))
     for b0 in range(0, sb.blocks.numel(), step):
         qi = sb.q_index[b0 : b0 + step]
+        # Only the offsets [r0, r1) that hold a query in this chunk, and the keys they can see (< r1):
+        # a decode step or a short chunked prefill is one or a few rows, not a block_size x block_size tile.
+        used = (qi >= 0).any(0).nonzero()
+        r0, r1 = int(used[0]), int(used[-1]) + 1
+        qi = qi[:, r0:r1]
+        mask = _causal(r1, grp, dev, r0)
         # padding slots read row 0: padded keys sit after every real query (masked causally) and padded
         # query rows are dropped below, so no padded copy of q, k, v is needed
-        ki = sb.k_index[b0 : b0 + step].clamp(min=0)
+        ki = sb.k_index[b0 : b0 + step, :r1].clamp(min=0)
         qb = _stack_heads(q[qi.clamp(min=0)].float(), hkv)
         kb = k[ki].float().transpose(1, 2)  # [nb, Hkv, B, D]
         vb = v[ki].float().transpose(1, 2)
