@@ -150,22 +150,27 @@ class Routing:
         return self.selected.shape[2]
 
 
+def gate_means(
+    q: Tensor, k: Tensor, layout: Layout, table: BlockTable, block_means: Tensor | None = None
+) -> Tensor:
+    """The fp32 key block means the gate scores against: given (checked) or computed from ``k``."""
+    if block_means is None:
+        return key_block_means(k, layout, table)
+    want = (table.n_blocks, k.shape[1], k.shape[2])
+    if tuple(block_means.shape) != want:
+        raise ValueError(
+            f"moba: block_means must be [NBLK, Hkv, D] = {list(want)} (one row per key block of "
+            f"every sequence, ceil(len_k / block_size) each); got {list(block_means.shape)}"
+        )
+    return block_means.to(device=q.device, dtype=torch.float32)
+
+
 def route(q: Tensor, k: Tensor, layout: Layout, topk: int, block_means: Tensor | None = None) -> Routing:
     """Build the block table, the gate and the selection for one call."""
     table = BlockTable.build(layout)
     info = QueryInfo.build(layout, table)
     if topk > 1:
-        if block_means is None:
-            block_means = key_block_means(k, layout, table)
-        else:
-            want = (table.n_blocks, k.shape[1], k.shape[2])
-            if tuple(block_means.shape) != want:
-                raise ValueError(
-                    f"moba: block_means must be [NBLK, Hkv, D] = {list(want)} (one row per key block of "
-                    f"every sequence, ceil(len_k / block_size) each); got {list(block_means.shape)}"
-                )
-            block_means = block_means.to(device=q.device, dtype=torch.float32)
-        selected = select_blocks(q, block_means, layout, table, info, topk)
+        selected = select_blocks(q, gate_means(q, k, layout, table, block_means), layout, table, info, topk)
     else:
         selected = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     return Routing(layout, table, info, selected)

@@ -22,7 +22,7 @@ from torch import Tensor
 from . import triton_kernels as kern
 from .inputs import Layout
 from .merge import merge_partials
-from .routing import BlockTable, QueryInfo, Routing, key_block_means
+from .routing import BlockTable, QueryInfo, Routing, gate_means
 from .torch_backend import TorchPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -194,16 +194,7 @@ def moba_attention_triton(
     table = BlockTable.build(layout)
     info = QueryInfo.build(layout, table)
     if topk > 1:
-        if block_means is None:
-            means = key_block_means(k, layout, table)
-        else:
-            if tuple(block_means.shape) != (table.n_blocks, k.shape[1], k.shape[2]):
-                raise ValueError(
-                    f"moba: block_means must be [NBLK, Hkv, D] = {[table.n_blocks, k.shape[1], k.shape[2]]}; "
-                    f"got {list(block_means.shape)}"
-                )
-            means = block_means.to(device=q.device, dtype=torch.float32)
-        sel = gate_topk_triton(q, means, layout, table, info, topk)
+        sel = gate_topk_triton(q, gate_means(q, k, layout, table, block_means), layout, table, info, topk)
     else:
         sel = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     routing = Routing(layout, table, info, sel)
