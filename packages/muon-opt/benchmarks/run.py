@@ -62,7 +62,7 @@ def settings(profile: str, device: torch.device) -> tuple[step_time.StepSettings
         return (
             step_time.StepSettings(
                 d_model=64, layers=2, vocab=256, context=64, big_shape=(64, 128), big_count=2, small_count=8,
-                ns_shapes=((32, 32), (32, 64)), ns_batch=2, repeats=2,
+                ns_shapes=((32, 32), (32, 64)), ns_batch=2, repeats=2, no_bf16_repeats=1,
             ),
             training.TrainSettings(
                 layers=1, d_model=32, heads=2, context=32, batch=4, sweep_steps=4, muon_steps=4, adamw_steps=8,
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--profile", default="default", choices=("default", "full", "smoke"))
     parser.add_argument("--out", type=Path, default=Path("bench-results") / f"{PREFIX}-cpu.json")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("step", "ns", "training", "distributed"))
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=("step", "no-bf16", "ns", "training", "distributed")
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -115,6 +117,10 @@ def main() -> None:
         sections, extra = step_time.step_time_sections(step_s, device)
         result.sections += sections
         result.extra["step_time_s"] = extra
+    if "no-bf16" not in args.skip and device.type == "cpu":
+        section, extra = step_time.no_bf16_section(step_s)
+        result.sections.append(section)
+        result.extra["no_bf16"] = extra
     if "ns" not in args.skip:
         result.sections.append(step_time.ns_time_section(step_s, device, outdir, PREFIX))
     if "training" not in args.skip:

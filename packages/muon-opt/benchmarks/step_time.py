@@ -6,9 +6,14 @@ and gradients, and reports medians, inter-quartile spread and ratios to ``muon_o
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import benchkit
@@ -38,6 +43,9 @@ class StepSettings:
     )
     ns_batch: int = 8
     repeats: int = 7
+    # CPUs without bf16 arithmetic (no AVX512-BF16/AMX): oneDNN is capped at this ISA in a child process.
+    no_bf16_isa: str = "AVX2"
+    no_bf16_repeats: int = 3
 
 
 def gpt_params(s: StepSettings, device: torch.device) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -305,3 +313,87 @@ def ns_time_section(s: StepSettings, device: torch.device, outdir: Path, prefix:
         rows=rows,
         plots=plots,
     )
+
+
+def _gemm_gflops(dtype: torch.dtype, n: int = 512, reps: int = 3) -> float:
+    """Measured n x n x n GEMM throughput in this process (GFLOP/s), to show which arithmetic the CPU has."""
+    a = torch.randn(n, n).to(dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _no_bf16_child(s: StepSettings) -> dict:
+    """Runs inside the ISA-capped child: fp32 parameters, ours vs torch.optim.Muon vs the reference loop."""
+    big = _matrix_params(s.big_shape, s.big_count, torch.device("cpu"))
+    opts = {
+        "muon_opt.Muon (fp32 NS)": muon_opt.Muon(big, lr=1.0, weight_decay=0.0),
+        "torch.optim.Muon (bf16 NS)": torch.optim.Muon(
+            big, lr=1.0, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"
+        ),
+        "plain per-parameter fp32 reference loop": muon_opt.Muon(
+            big, lr=1.0, weight_decay=0.0, foreach=False
+        ),
+    }
+    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.no_bf16_repeats)
+    return {
+        "timings": {n: {"median": v.median, "spread": v.spread} for n, v in t.items()},
+        "gflops": {"fp32": _gemm_gflops(torch.float32), "bf16": _gemm_gflops(torch.bfloat16)},
+    }
+
+
+def no_bf16_section(s: StepSettings) -> tuple[benchkit.Section, dict]:
+    """The done-when comparison on a CPU without bf16 arithmetic, emulated by capping oneDNN's ISA.
+
+    ``torch.optim.Muon`` always runs Newton-Schulz in bf16. Where the CPU has AVX512-BF16 or AMX (this
+    benchmark's own machine, for example) that is fast; where it has not, oneDNN falls back to a slow
+    reference bf16 GEMM and a step takes seconds to minutes. ``ONEDNN_MAX_CPU_ISA`` must be set before
+    torch loads, so the measurement runs in a child process; the GEMM throughputs it reports show which
+    arithmetic that process had.
+    """
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": s.no_bf16_isa}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--no-bf16-child", json.dumps(asdict(s))]
+    benchkit.progress(
+        f"step time without bf16 arithmetic (ONEDNN_MAX_CPU_ISA={s.no_bf16_isa}, child process)"
+    )
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    child = json.loads(out.strip().splitlines()[-1])
+    native = {"fp32": _gemm_gflops(torch.float32), "bf16": _gemm_gflops(torch.bfloat16)}
+    base = child["timings"]["muon_opt.Muon (fp32 NS)"]["median"]
+    rows = [
+        [name, round(1e3 * v["median"], 1), f"{100 * v['spread']:.0f}%", round(v["median"] / base, 1)]
+        for name, v in child["timings"].items()
+    ]
+    torch_ratio = child["timings"]["torch.optim.Muon (bf16 NS)"]["median"] / base
+    section = benchkit.Section(
+        title=(
+            f"Muon step on {s.big_count} fp32 matrices of {s.big_shape[0]}x{s.big_shape[1]}, "
+            f"CPU without bf16 arithmetic (oneDNN capped at {s.no_bf16_isa})"
+        ),
+        description=(
+            "The done-when comparison where the CPU lacks AVX512-BF16/AMX (the issue's measurement): "
+            f"ONEDNN_MAX_CPU_ISA={s.no_bf16_isa} in a child process. 512^3 GEMM throughput there: fp32 "
+            f"{child['gflops']['fp32']:.0f} GFLOP/s, bf16 {child['gflops']['bf16']:.1f} GFLOP/s (native ISA in "
+            f"the parent: fp32 {native['fp32']:.0f}, bf16 {native['bf16']:.0f} GFLOP/s)."
+        ),
+        columns=["contender", "median ms", "IQR", "time / ours"],
+        rows=rows,
+        notes=[
+            f"torch.optim.Muon takes {torch_ratio:.0f}x our fp32 step here (done-when: at least 20x). On this "
+            "machine's native ISA, with bf16 GEMMs in hardware, it is faster than our fp32 step (previous "
+            "sections); muon_opt.Muon(ns_dtype='bf16') opts into the same trade."
+        ],
+    )
+    return section, {"child": child, "native_gflops": native, "torch_over_ours": torch_ratio}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--no-bf16-child":
+        fields = json.loads(sys.argv[2])
+        fields = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                  for k, v in fields.items()}  # fmt: skip
+        print(json.dumps(_no_bf16_child(StepSettings(**fields))))
+    else:
+        raise SystemExit("step_time.py is a module of benchmarks/run.py; run that instead")

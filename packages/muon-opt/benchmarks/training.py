@@ -33,7 +33,7 @@ class TrainSettings:
     heads: int = 4
     context: int = 128
     batch: int = 16
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # wide enough that neither best is at an edge
     sweep_steps: int = 100
     muon_steps: int = 200
     adamw_steps: int = 400  # AdamW runs longer so the steps it needs to match Muon can be read off
@@ -167,6 +167,21 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
+def ratio_by_muon_step(
+    muon: list[list[tuple[int, float]]], adamw: list[list[tuple[int, float]]]
+) -> dict[int, list[float | None]]:
+    """For every evaluated Muon step k, per seed: steps AdamW needs to reach Muon's step-k loss, over k.
+
+    None where AdamW's run never gets there. Seeds pair Muon and AdamW runs with the same data order.
+    """
+    out: dict[int, list[float | None]] = {}
+    for m_curve, a_curve in zip(muon, adamw, strict=True):
+        for step, value in m_curve:
+            need = steps_to_reach(a_curve, value)
+            out.setdefault(step, []).append(need / step if need is not None else None)
+    return out
+
+
 def _at(curve: list[tuple[int, float]], step: int) -> float:
     return next(v for s_, v in curve if s_ == step)
 
@@ -203,12 +218,18 @@ def run(
         ratios.append(need / s.muon_steps if need is not None else None)
         need_m = steps_to_reach(m_curve, _at(a_curve, s.muon_steps))
         reverse.append(s.muon_steps / need_m if need_m else None)
+    by_step = ratio_by_muon_step(curves["muon"], curves["adamw"])
+    reached = [step for step, xs in by_step.items() if all(x is not None for x in xs)]
+    headline = max(reached) if reached else None
 
     def fmt_ratio(xs: list[float | None], missing: str) -> str:
         shown = [f"{x:.2f}" if x is not None else missing for x in xs]
         known = [x for x in xs if x is not None]
         if len(known) == len(xs) and len(xs) > 1:
-            return f"{statistics.median(xs):.2f} (seeds: {', '.join(shown)}; spread +-{(max(xs) - min(xs)) / 2:.2f})"
+            return (
+                f"{statistics.median(known):.2f} (seeds: {', '.join(shown)}; mean {statistics.mean(known):.2f} "
+                f"+- {statistics.stdev(known):.2f} sd, range {min(known):.2f}-{max(known):.2f})"
+            )
         return f"seeds: {', '.join(shown)}"
 
     cap = s.adamw_steps / s.muon_steps
@@ -218,6 +239,8 @@ def run(
         "muon_final_bpb": muon_final,
         "adamw_bpb_at_same_steps": adamw_same,
         "steps_ratio_adamw_to_reach_muon": ratios,
+        "steps_ratio_by_muon_step": {str(k): v for k, v in by_step.items()},
+        "headline_muon_step": headline,
         "reverse_ratio": reverse,
         "curves": curves,
         "python": corpus.python,
@@ -264,15 +287,28 @@ def run(
                     f"{mean([c[-1][1] for c in curves['adamw']]):.3f} +- {sd([c[-1][1] for c in curves['adamw']]):.3f}",
                 ],
                 ["steps ratio (AdamW steps to reach Muon's final loss)", fmt_ratio(ratios, f">{cap:.2f}")],
+                *[
+                    [
+                        f"steps ratio at Muon step {step}" + (" (headline)" if step == headline else ""),
+                        fmt_ratio(xs, f">{s.adamw_steps / step:.2f}"),
+                    ]
+                    for step, xs in by_step.items()
+                    if step % (2 * s.eval_every) == 0 or step == headline
+                ],
                 ["reverse ratio", fmt_ratio(reverse, "not reached")],
             ],
-            plots=_plot(curves, sweep, s, outdir, prefix),
+            notes=[
+                "The learning rate is constant after warm-up, so Muon's loss at step k of a longer run is its "
+                "loss after k steps; 'steps ratio at Muon step k' = steps AdamW needs to reach Muon's step-k "
+                "loss / k. The headline is the largest k at which every seed's AdamW run reaches Muon's loss."
+            ],
+            plots=_plot(curves, sweep, by_step, s, outdir, prefix),
         ),
     ]
     return sections, summary
 
 
-def _plot(curves: dict, sweep: dict, s: TrainSettings, outdir: Path, prefix: str) -> list[str]:
+def _plot(curves: dict, sweep: dict, by_step: dict, s: TrainSettings, outdir: Path, prefix: str) -> list[str]:
     try:
         import matplotlib
 
@@ -280,7 +316,7 @@ def _plot(curves: dict, sweep: dict, s: TrainSettings, outdir: Path, prefix: str
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for name, color in (("muon", "tab:red"), ("adamw", "tab:blue")):
         for i, curve in enumerate(curves[name]):
             steps, vals = zip(*curve, strict=True)
@@ -297,6 +333,16 @@ def _plot(curves: dict, sweep: dict, s: TrainSettings, outdir: Path, prefix: str
     ax2.set_ylabel(f"bpb after {s.sweep_steps} steps")
     ax2.set_title("Learning-rate sweep (seed 0)")
     ax2.legend()
+    n_seeds = len(curves["muon"])
+    for i in range(n_seeds):
+        pts = [(k, xs[i]) for k, xs in by_step.items() if xs[i] is not None]
+        if pts:
+            ax3.plot(*zip(*pts, strict=True), marker="o", alpha=0.7, label=f"seed {s.seeds[i]}")
+    ax3.axhline(2.0, color="grey", linestyle="--", label="paper: ~2x")
+    ax3.set_xlabel("Muon step k")
+    ax3.set_ylabel("AdamW steps to reach Muon's step-k loss / k")
+    ax3.set_title("Steps ratio (missing = AdamW never got there)")
+    ax3.legend()
     fig.tight_layout()
     name = f"{prefix}-training.png"
     fig.savefig(outdir / name, dpi=120)
