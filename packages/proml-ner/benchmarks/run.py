@@ -12,6 +12,7 @@ lists, Few-NERD-INTRA-style disjoint types), not Few-NERD; ``--data DIR`` with F
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchkit
-from fewshot_synthetic import build, encoder_path
+from fewshot_synthetic import build, encoder_path, zero_shot_gap
+from paper_numbers import paper_table
 
 from proml_ner.formats import read_fewnerd_episodes
 from proml_ner.pipeline import ProMLNer
@@ -67,6 +69,8 @@ def speed_section(device: str, prof: dict) -> benchkit.Section:
 
 
 def accuracy_section(device: str, prof: dict, data: Path | None, seed: int) -> tuple[benchkit.Section, dict]:
+    """Trains every method; returns the section and {"seconds": per-episode times, "proml": the trained
+    ProML and "test": the test episodes} for the sections that reuse them."""
     path = encoder_path()
     if data is not None:
         train_eps = read_fewnerd_episodes(data / "train.jsonl")
@@ -77,6 +81,7 @@ def accuracy_section(device: str, prof: dict, data: Path | None, seed: int) -> t
         test_eps = synthetic_episodes("test", 5, 5, prof["test"], seed=seed + 100)
         label = "SYNTHETIC episodes (templates + entity lists), not Few-NERD"
     rows, per_step = [], {}
+    trained = None
     for method in ("proml", "protobert", "nnshot"):
         seed_everything(seed)
         model = build(method, path).to(device)
@@ -85,6 +90,8 @@ def accuracy_section(device: str, prof: dict, data: Path | None, seed: int) -> t
         res = train(model, train_eps, config=cfg)
         ev = evaluate(model, test_eps)
         per_step[method] = res.seconds_per_episode
+        if method == "proml":
+            trained = model
         rows.append(
             [
                 method,
@@ -100,8 +107,46 @@ def accuracy_section(device: str, prof: dict, data: Path | None, seed: int) -> t
         columns=["method", "F1", "precision", "recall", "s / training episode"],
         rows=rows,
     )
-    sec.notes.append("Paper numbers (Few-NERD) are not placed beside these: these are not Few-NERD data.")
-    return sec, per_step
+    if data is not None:
+        for name in ("train.jsonl", "test.jsonl"):
+            digest = hashlib.sha256((data / name).read_bytes()).hexdigest()
+            sec.notes.append(f"data {data / name}: sha256 {digest}")
+    else:
+        sec.notes.append(
+            f"data: proml_ner.synthetic generator, train seed {seed}, test seed {seed + 100}; "
+            "these are not Few-NERD data (the paper's numbers are in the last section)"
+        )
+    return sec, {"seconds": per_step, "proml": trained, "test": test_eps, "label": label}
+
+
+def zero_shot_section(model, test_eps, label: str) -> benchkit.Section:
+    """How much worse ``predict(texts, labels=[...])`` alone is than with a 5-sentence support."""
+    benchkit.progress("zero-shot vs 5-sentence support")
+    gap = zero_shot_gap(model, test_eps, support_size=5)
+    keys = ("f1", "precision", "recall")
+    best = gap["zero_shot_best"]
+    rows = [
+        ["zero-shot, threshold 0.5 (default)", *(round(gap["zero_shot"][k], 4) for k in keys)],
+        [f"zero-shot, best threshold {best['threshold']} (oracle)", *(round(best[k], 4) for k in keys)],
+        ["5-sentence support", *(round(gap["with_support"][k], 4) for k in keys)],
+    ]
+    sec = benchkit.Section(
+        title="zero-shot (label names only) vs a 5-sentence support",
+        description=f"{label}; the trained ProML of the accuracy section, {gap['episodes']} test episodes "
+        "(5-way 5~10-shot queries), support = 5 sentences of each episode's support covering every type",
+        columns=["mode", "F1", "precision", "recall"],
+        rows=rows,
+    )
+    sec.notes.append(
+        f"F1 drop without support: {gap['f1_drop']:.3f} at the default threshold, "
+        f"{gap['f1_drop_best_threshold']:.3f} at the best threshold (absolute micro F1)"
+    )
+    sec.notes.append(
+        "zero-shot = predict(texts, labels=types); 5-sentence support = predict(texts, support=index) "
+        "with index = ner.support(5 sentences, labels=types); the oracle threshold is picked on the test "
+        "queries themselves, so it flatters zero-shot"
+    )
+    return sec
 
 
 def bar_plot(path: Path, section: benchkit.Section, col: int, ylabel: str) -> None:
@@ -136,8 +181,10 @@ def main() -> None:
         torch.set_num_threads(1)  # on a shared 2-core CPU, OpenMP spinning makes 2 threads far slower
     t0 = time.perf_counter()
     sections = [speed_section(args.device, prof)]
-    acc, _ = accuracy_section(args.device, prof, args.data, args.seed)
+    acc, extra = accuracy_section(args.device, prof, args.data, args.seed)
     sections.append(acc)
+    sections.append(zero_shot_section(extra["proml"], extra["test"], extra["label"]))
+    sections.append(paper_table(acc, synthetic=args.data is None))
     bar_plot(args.out.parent / "proml-ner-speed.png", sections[0], 2, "sentences / s")
     bar_plot(
         args.out.parent / "proml-ner-f1.png",

@@ -93,6 +93,8 @@ def test_bad_input(ner, kwargs, err, match):
 def test_texts_must_be_strings(ner):
     with pytest.raises(TypeError, match=r"texts\[1\] is int"):
         ner.predict(["ok", 3], labels=["x"])
+    with pytest.raises(TypeError, match="texts must be a str or a list of str, got int"):
+        ner.predict(42, labels=["x"])
 
 
 @pytest.mark.slow
@@ -113,10 +115,16 @@ def test_cli_end_to_end(tokenizer, tmp_path, capsys):
     toml = tmp_path / "tiny.toml"
     toml.write_text(
         f'output_dir = "{tmp_path / "model"}"\nseed = 3\n[episodes]\nn_way = 2\nk_shot = 1\ntest = 2\n'
+        '[data]\ntest = "synthetic:test"\nversion = "synthetic v1"\n'
     )
     assert main(["eval", str(toml)]) == 0
     res = json.loads((tmp_path / "model" / "eval" / "result.json").read_text())
     assert 0.0 <= res["f1"] <= 1.0 and res["seed"] == 3
+    assert (
+        res["data"]["version"] == "synthetic v1" and res["data"]["files"]["test"]["path"] == "synthetic:test"
+    )
+    trained = json.loads((tmp_path / "model" / "train_result.json").read_text())
+    assert trained["seed"] == 3 and trained["data"]["files"]["train"]["path"] == "synthetic:train"
     assert (tmp_path / "model" / "eval" / "episodes.csv").is_file()
     sup = tmp_path / "support.conll"
     sup.write_text("Serena B-athlete\nWilliams I-athlete\nwon O\n\nParis B-city\nis O\n")
@@ -161,3 +169,47 @@ def test_cli_end_to_end(tokenizer, tmp_path, capsys):
 def test_cli_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "proml_ner.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "convert" in out.stdout
+
+
+def test_reduced_precision_arguments_are_checked(ner):
+    with pytest.raises(ValueError, match=r"dtype=float16 needs a CUDA device.*bfloat16"):
+        ner.predict(["Serena won ."], support=SUPPORT, dtype="float16")
+    with pytest.raises(ValueError, match="dtype=float16 needs a CUDA device"):
+        ner.support(SUPPORT, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"dtype='int8' must be one of"):
+        ner.predict(["Serena won ."], support=SUPPORT, dtype="int8")
+    with pytest.raises(ValueError, match=r"must be torch\.float32, torch\.float16 or torch\.bfloat16"):
+        ner.predict(["Serena won ."], labels=["athlete"], dtype=torch.float64)
+
+
+def _max_rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param("bfloat16", id="bf16"), pytest.param("float16", id="fp16", marks=pytest.mark.cuda)],
+)
+def test_reduced_precision_matches_fp32(ner, device, dtype):
+    """Index vectors under autocast stay float32 and within a few units of the dtype's precision of fp32."""
+    if dtype == "float16" and device.type != "cuda":
+        pytest.skip("float16 autocast is CUDA-only by design")
+    ner.model.to(device)
+    try:
+        ref = ner.support(SUPPORT)
+        low = ner.support(SUPPORT, dtype=dtype)
+        assert low.vectors.dtype == torch.float32 and low.types == ref.types
+        eps = torch.finfo(getattr(torch, dtype)).eps
+        err = _max_rel_err(low.vectors, ref.vectors)
+        # a 2-layer encoder accumulates a few roundings per layer; 16 eps bounds it with margin
+        assert err <= 16 * eps, f"max relative error {err:.3e} > 16 eps = {16 * eps:.3e}"
+        assert err > 0, f"dtype={dtype} changed nothing: the encoder did not run under autocast"
+        texts = ["Serena Williams won in Paris .", "Simone Biles jumped in Lagos ."]
+        out, tags = ner.predict(texts, support=ref, dtype=dtype, return_tags=True)
+        _, ref_tags = ner.predict(texts, support=ref, return_tags=True)
+        for text, ents in zip(texts, out):
+            assert all(text[e["start"] : e["end"]] == e["text"] for e in ents)
+        same = sum(a == b for t, r in zip(tags, ref_tags) for a, b in zip(t, r))
+        assert same >= 0.75 * sum(len(t) for t in ref_tags), (tags, ref_tags)
+    finally:
+        ner.model.to("cpu")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from proml_ner.metrics import entity_spans
-from proml_ner.sampler import sample_episode, sample_episodes
+from proml_ner.sampler import sample_episode, sample_episodes, sample_support
 from proml_ner.synthetic import split_types, synthetic_corpus
 
 
@@ -53,3 +53,20 @@ def test_synthetic_split_is_intra():
     assert len(coarse) >= 8 and not train & test
     for s in synthetic_corpus("test", 100, seed=1):
         assert s.types and s.types <= test
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_support_over_all_types(k):
+    """The full-test protocol's support: every requested type K~2K times, no other type."""
+    corpus = synthetic_corpus("test", 300, seed=2)
+    types = sorted({t for s in corpus for t in s.types})
+    support = sample_support(corpus, types, k, random.Random(4))
+    c = _counts(support)
+    assert set(c) == set(types) and all(k <= c[t] <= 2 * k for t in types), c
+    some = types[:3]
+    part = sample_support(corpus, some, k, random.Random(4))
+    assert all(s.types and s.types <= set(some) for s in part)
+    with pytest.raises(RuntimeError, match="too few entities"):
+        sample_support(corpus[:2], types, 5, random.Random(0), max_tries=3)
+    with pytest.raises(ValueError, match="k_shot=0"):
+        sample_support(corpus, types, 0, random.Random(0))

@@ -24,6 +24,8 @@ _EXPORTS = {
     "PrototypeNer": "baselines",
     "BaselineConfig": "baselines",
     "TrainConfig": "train",
+    "RunConfig": "experiment",
+    "load_run_config": "experiment",
     "evaluate": "train",
     "Episode": "formats",
     "Sentence": "formats",

@@ -1,15 +1,19 @@
-"""``proml-ner`` command line: train, eval, predict, sample, convert.
+"""``proml-ner`` command line: configs, train, eval, predict, sample, convert.
 
-    proml-ner train CONFIG.yaml|toml        episodic training; writes the model folder and train_result.json
-    proml-ner eval CONFIG                   Few-NERD micro F1 on test episodes; per-episode CSV + JSON
+    proml-ner configs                       the bundled configs, one per setting of the ProML paper
+    proml-ner train CONFIG [--set k=v ...]  episodic training; writes the model folder and train_result.json
+    proml-ner eval CONFIG [--model DIR]     Few-NERD micro F1 on test episodes; per-episode CSV + result.json
     proml-ner predict --model DIR --support FILE [--labels A B] TEXT_OR_FILE   (JSONL on stdout)
     proml-ner sample --input FLAT --n-way 5 --k-shot 1 --episodes 100 --out EPISODES.jsonl
     proml-ner convert --from conll --to fewnerd-flat IN OUT
 
-A config holds ``model`` (:class:`~proml_ner.model.ProMLConfig` fields), ``train``
-(:class:`~proml_ner.train.TrainConfig` fields), ``data`` (``train``/``dev``/``test``: a Few-NERD episode
-JSONL file or ``synthetic:<split>``), ``episodes`` (``n_way``, ``k_shot`` and counts for synthetic data) and
-``output_dir``. ``model.encoder: offline-minilm`` names the offline MiniLM package's encoder.
+CONFIG is a bundled config name (``fewnerd-intra-5way-1-2shot``) or a YAML/TOML file parsed into
+:class:`~proml_ner.experiment.RunConfig`: ``model`` (:class:`~proml_ner.model.ProMLConfig` fields),
+``train`` (:class:`~proml_ner.train.TrainConfig` fields), ``data`` (format, root, train/dev/test files,
+version), ``episodes`` (shape, counts, protocol), ``name``, ``seed`` and ``output_dir``. ``--set
+section.key=value`` overrides any field (``--set data.root=/data/few-nerd/episode-data/intra``).
+``model.encoder: offline-minilm`` names the offline MiniLM package's encoder. Result files record the
+setting, the seed, ``data.version`` and a SHA-256 of every data file read.
 """
 
 from __future__ import annotations
@@ -23,22 +27,10 @@ __all__ = ["load_config", "main"]
 
 
 def load_config(path: str | Path) -> dict:
-    """A YAML (``.yaml``/``.yml``) or TOML (``.toml``) config as a dict."""
-    p = Path(path)
-    if p.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
+    """The raw mapping of a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config, or of a bundled name."""
+    from .experiment import load_config_dict
 
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: a config must be a mapping")
-        return data
-    raise ValueError(f"{p}: config files end in .yaml, .yml or .toml")
+    return load_config_dict(path)
 
 
 def _encoder(name: str) -> str:
@@ -49,17 +41,10 @@ def _encoder(name: str) -> str:
     return name
 
 
-def _episodes(spec: str, split_default: str, cfg: dict, count_key: str, seed: int):
-    from .formats import read_fewnerd_episodes
-    from .synthetic import synthetic_episodes
+def _run_config(args):
+    from .experiment import load_run_config
 
-    if spec.startswith("synthetic"):
-        split = spec.split(":", 1)[1] if ":" in spec else split_default
-        ep = cfg.get("episodes", {})
-        return synthetic_episodes(
-            split, int(ep.get("n_way", 5)), int(ep.get("k_shot", 1)), int(ep.get(count_key, 20)), seed=seed
-        )
-    return read_fewnerd_episodes(spec)
+    return load_run_config(args.config, args.set)
 
 
 def _progress():
@@ -75,21 +60,38 @@ def _progress():
     )
 
 
-def cmd_train(args) -> int:
-    from .model import ProML, ProMLConfig
-    from .train import TrainConfig, train
+def _provenance(cfg, splits: tuple[str, ...]) -> dict:
+    from . import __version__
+    from .experiment import data_fingerprint
 
-    cfg = load_config(args.config)
-    mcfg = dict(cfg.get("model", {}))
-    mcfg["encoder"] = _encoder(mcfg.get("encoder", "offline-minilm"))
-    seed = int(cfg.get("seed", 0))
-    tcfg = TrainConfig(
-        **{**cfg.get("train", {}), "seed": seed, "output_dir": cfg.get("output_dir", "proml-model")}
-    )
-    data = cfg.get("data", {})
-    train_eps = _episodes(data.get("train", "synthetic:train"), "train", cfg, "train", seed)
-    dev_eps = _episodes(data["dev"], "dev", cfg, "dev", seed + 1) if data.get("dev") else []
-    model = ProML.from_encoder(mcfg["encoder"], ProMLConfig.from_dict(mcfg))
+    return {
+        "setting": cfg.name,
+        "seed": cfg.seed,
+        "data": data_fingerprint(cfg, splits),
+        "proml_ner_version": __version__,
+    }
+
+
+def cmd_configs(args) -> int:
+    from .experiment import bundled_configs
+
+    for name, description in bundled_configs().items():
+        print(f"{name:36s} {description}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .experiment import build_episodes
+    from .model import ProML, ProMLConfig
+    from .train import train
+
+    cfg = _run_config(args)
+    mcfg = ProMLConfig.from_dict({**cfg.model.to_dict(), "encoder": _encoder(cfg.model.encoder)})
+    tcfg = cfg.train
+    train_eps = build_episodes(cfg, "train")
+    dev_eps = build_episodes(cfg, "dev") if cfg.data.dev else []
+    meta = {**_provenance(cfg, ("train", "dev")), "run_config": cfg.to_dict()}
+    model = ProML.from_encoder(mcfg.encoder, mcfg)
     with _progress() as bar:
         task = bar.add_task("train", total=tcfg.steps, info="")
         res = train(
@@ -98,14 +100,17 @@ def cmd_train(args) -> int:
             dev_eps,
             tcfg,
             progress=lambda s, loss: bar.update(task, completed=s, info=f"loss {loss:.3f}"),
+            metadata=meta,
         )
     print(
         json.dumps(
             {
+                "setting": cfg.name,
                 "output_dir": tcfg.output_dir,
                 "best_dev_f1": res.best_f1,
                 "best_step": res.best_step,
-                "seed": seed,
+                "seed": cfg.seed,
+                "data_version": cfg.data.version,
                 "seconds_per_episode": res.seconds_per_episode,
             }
         )
@@ -114,19 +119,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .experiment import build_episodes
     from .metrics import error_analysis, write_episode_csv
     from .model import ProML
     from .train import evaluate
 
-    cfg = load_config(args.config)
-    seed = int(cfg.get("seed", 0))
-    model_dir = args.model or cfg.get("output_dir", "proml-model")
+    cfg = _run_config(args)
+    model_dir = args.model or cfg.output_dir
     model = ProML.from_pretrained(model_dir)
-    spec = cfg.get("data", {}).get("test", "synthetic:test")
-    eps = _episodes(spec, "test", cfg, "test", seed + 2)
+    eps = build_episodes(cfg, "test")
+    finetune = cfg.train if cfg.train.finetune_steps > 0 else None
     with _progress() as bar:
         task = bar.add_task("eval", total=len(eps), info="")
-        res = evaluate(model, eps, progress=lambda i: bar.update(task, completed=i + 1))
+        res = evaluate(model, eps, finetune=finetune, progress=lambda i: bar.update(task, completed=i + 1))
     out = Path(args.out or Path(model_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     write_episode_csv(out / "episodes.csv", res.per_episode)
@@ -136,8 +141,9 @@ def cmd_eval(args) -> int:
         "precision": res.counts.precision,
         "recall": res.counts.recall,
         "episodes": len(eps),
-        "data": spec,
-        "seed": seed,
+        "protocol": cfg.episodes.protocol,
+        **_provenance(cfg, ("test",)),
+        "model": str(model_dir),
         "errors": {"fp_span": errs.fp_span, "fp_type": errs.fp_type, "fn": errs.fn},
     }
     (out / "result.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -205,11 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="proml-ner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="episodic training from a YAML/TOML config")
-    t.add_argument("config")
+    g = sub.add_parser("configs", help="list the bundled configs (one per paper setting)")
+    g.set_defaults(fn=cmd_configs)
+    set_help = "override a config field, e.g. --set data.root=/data --set train.steps=100 (repeatable)"
+    t = sub.add_parser("train", help="episodic training from a bundled config name or a YAML/TOML file")
+    t.add_argument("config", help="bundled config name (see `proml-ner configs`) or a .yaml/.toml file")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="Few-NERD micro F1 on test episodes")
-    e.add_argument("config")
+    e.add_argument("config", help="bundled config name or a .yaml/.toml file")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     e.add_argument("--model", default=None)
     e.add_argument("--out", default=None)
     e.set_defaults(fn=cmd_eval)

@@ -13,6 +13,7 @@ which is far weaker than a 5-sentence support (see the README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,40 @@ from .words import split_words
 __all__ = ["ProMLNer", "SupportIndex"]
 
 SupportLike = Any  # Sentence | dict | str (CoNLL text)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _autocast(dtype: torch.dtype | str | None, device: torch.device, where: str):
+    """Mixed-precision context for the encoder forward passes (``None``/float32: plain fp32).
+
+    Only the encoder runs in reduced precision: word vectors come back as float32 before any distance is
+    taken, because squared Euclidean distances between nearby vectors cancel badly in 16 bits.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"{where}: dtype={dtype!r} must be one of {sorted(_DTYPES)} or a torch dtype")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{where}: dtype={dtype} must be torch.float32, torch.float16 or torch.bfloat16")
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError(
+            f"{where}: dtype=float16 needs a CUDA device but the model is on {device.type}; use "
+            "dtype='bfloat16' on CPU, or load the model with ProMLNer.from_pretrained(dir, device='cuda')"
+        )
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -140,9 +175,17 @@ class ProMLNer:
     # ------------------------------------------------------------------------------------ support
     @torch.no_grad()
     def support(
-        self, examples: Sequence[SupportLike] | str, labels: Sequence[str] | None = None
+        self,
+        examples: Sequence[SupportLike] | str,
+        labels: Sequence[str] | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> SupportIndex:
-        """Encode labelled examples once; the index is reusable across ``predict`` calls and saveable."""
+        """Encode labelled examples once; the index is reusable across ``predict`` calls and saveable.
+
+        ``dtype`` (``"bfloat16"``, ``"float16"`` on CUDA only, or None for float32) runs the encoder under
+        autocast; the stored vectors are float32 either way.
+        """
+        amp = _autocast(dtype, self.model.device, "support")
         if isinstance(examples, str):
             examples = [examples]
         sents = [s for i, ex in enumerate(examples) for s in _to_sentence(ex, i)]
@@ -163,8 +206,9 @@ class ProMLNer:
                 raise ValueError(f"support: labels {absent} have no example in the support; add one each")
         types = list(labels) if labels is not None else found
         ctx = self.model.prompt_context(types)
-        vecs, labs = self.model._support_tensors(sents, types, ctx)
-        return SupportIndex(types, vecs, labs, estimate_shots(sents, types))
+        with amp:
+            vecs, labs = self.model._support_tensors(sents, types, ctx)
+        return SupportIndex(types, vecs.float(), labs, estimate_shots(sents, types))
 
     @staticmethod
     def _check_labels(labels: Sequence[str]) -> list[str]:
@@ -183,14 +227,19 @@ class ProMLNer:
         labels: Sequence[str] | None = None,
         return_tags: bool = False,
         zero_shot_threshold: float = 0.5,
+        dtype: torch.dtype | str | None = None,
     ) -> list[list[dict]] | tuple[list[list[dict]], list[list[str]]]:
         """Entities per text: ``{"start", "end", "text", "label", "score"}`` with character offsets.
 
         ``support`` is an index from :meth:`support` (fast: nothing to re-encode) or raw examples. With
         ``labels`` and no support, zero-shot matching against label words (cosine above
-        ``zero_shot_threshold``). ``return_tags`` adds per-word IO tags.
+        ``zero_shot_threshold``). ``return_tags`` adds per-word IO tags. ``dtype`` (``"bfloat16"``, or
+        ``"float16"`` on CUDA) runs the encoder under autocast; distances are taken in float32.
         """
+        amp = _autocast(dtype, self.model.device, "predict")
         single = isinstance(texts, str)
+        if not single and not isinstance(texts, Sequence):
+            raise TypeError(f"predict: texts must be a str or a list of str, got {type(texts).__name__}")
         texts = [texts] if single else list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
@@ -200,9 +249,9 @@ class ProMLNer:
         words = [split_words(t) for t in texts]
         if support is None:
             types = self._check_labels(labels)
-            tags, probs = self._zero_shot(words, types, zero_shot_threshold)
+            tags, probs = self._zero_shot(words, types, zero_shot_threshold, amp)
         else:
-            index = support if isinstance(support, SupportIndex) else self.support(support, labels)
+            index = support if isinstance(support, SupportIndex) else self.support(support, labels, dtype)
             if labels is not None and isinstance(support, SupportIndex) and list(labels) != index.types:
                 extra = sorted(set(index.types) - set(labels))
                 if extra:
@@ -210,7 +259,9 @@ class ProMLNer:
                         f"predict: the support index has labels {extra} missing from labels={labels}"
                     )
             types = index.types
-            reps = self.model.represent([[w for w, _, _ in ws] for ws in words], types)
+            with amp:
+                reps = self.model.represent([[w for w, _, _ in ws] for ws in words], types)
+            reps = [r.float() for r in reps]
             k = self.model.config.top_k or index.shots
             dev = self.model.device
             paths, probs = self.model.decode(reps, index.vectors.to(dev), index.labels.to(dev), len(types), k)
@@ -236,7 +287,12 @@ class ProMLNer:
             return results, tags
         return results
 
-    def _zero_shot(self, words, types: list[str], threshold: float):
+    def _zero_shot(self, words, types: list[str], threshold: float, amp=None):
+        with amp or contextlib.nullcontext():
+            hidden, reps = self._zero_shot_vectors(words, types)
+        return self._zero_shot_decode(hidden, reps, types, threshold)
+
+    def _zero_shot_vectors(self, words, types: list[str]):
         m = self.model
         ctx = m.prompt_context(types)
         # label embeddings: mean of the label-word vectors inside the option-prefix prompt
@@ -259,6 +315,10 @@ class ProMLNer:
             max_length=m.config.max_length,
             overlap=m.config.window_overlap,
         )
+        return E.float(), [r.float() for r in reps]
+
+    @staticmethod
+    def _zero_shot_decode(E: Tensor, reps: list[Tensor], types: list[str], threshold: float):
         tags, probs = [], []
         for r in reps:
             if r.shape[0] == 0:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from .formats import Episode, Sentence
 from .metrics import entity_spans
 
-__all__ = ["sample_episode", "sample_episodes"]
+__all__ = ["sample_episode", "sample_episodes", "sample_support"]
 
 
 def _type_counts(sentence: Sentence) -> Counter[str]:
@@ -105,3 +105,26 @@ def sample_episodes(
     rng = random.Random(seed)
     counts = [_type_counts(s) for s in sentences]
     return [sample_episode(sentences, n_way, k_shot, rng, types, counts=counts) for _ in range(n_episodes)]
+
+
+def sample_support(
+    sentences: Sequence[Sentence], types: Sequence[str], k_shot: int, rng: random.Random, max_tries: int = 100
+) -> list[Sentence]:
+    """A K~2K-shot support set over exactly ``types`` (every type at least K, at most 2K entities).
+
+    The support side of :func:`sample_episode` alone, for the full-test protocol (support sets of all
+    test types, the rest of the test corpus as query; Yang and Katiyar 2020, Das et al. 2022).
+    """
+    if k_shot < 1 or not types:
+        raise ValueError(f"sample_support: k_shot={k_shot} must be >= 1 and types must be non-empty")
+    counts = [_type_counts(s) for s in sentences]
+    allowed = set(types)
+    candidates = [i for i, c in enumerate(counts) if c and set(c) <= allowed]
+    for _ in range(max_tries):
+        chosen = _greedy(candidates, counts, list(types), k_shot, set(), rng)
+        if chosen is not None:
+            return [sentences[i] for i in chosen]
+    raise RuntimeError(
+        f"sample_support: no {k_shot}~{2 * k_shot}-shot support over {len(types)} types found in "
+        f"{max_tries} tries; the corpus has too few entities of some type"
+    )

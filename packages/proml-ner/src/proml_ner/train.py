@@ -48,30 +48,35 @@ class TrainConfig:
     warmup: fraction of steps of linear warm-up; clip: max gradient norm; eval_every: steps between dev
     evaluations (0: only at the end); finetune_steps/finetune_lr: test-time fine-tuning on each support;
     trainable_layers: train only the top N encoder layers (None: all; 0: heads only), a CPU-budget knob
-    (the paper fine-tunes the whole encoder)."""
+    (the paper fine-tunes the whole encoder); episodes_per_step: episodes whose mean loss makes one
+    optimizer step (the authors' ``batch_size``: 4 for 1~2-shot, 1 for 5~10-shot); clip: None turns
+    gradient clipping off (the authors' training loop does not clip)."""
 
     steps: int = 100
     lr: float = 3e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: float = 0.1
-    clip: float = 1.0
+    clip: float | None = 1.0
     eval_every: int = 0
     seed: int = 0
     output_dir: str | None = None
     finetune_steps: int = 0
     finetune_lr: float = 1e-5
     trainable_layers: int | None = None
+    episodes_per_step: int = 1
 
     def __post_init__(self) -> None:
+        if self.episodes_per_step < 1:
+            raise ValueError(f"TrainConfig: episodes_per_step={self.episodes_per_step} must be >= 1")
         if self.steps < 0 or self.eval_every < 0 or self.finetune_steps < 0:
             raise ValueError("TrainConfig: steps, eval_every and finetune_steps must be >= 0")
         if self.trainable_layers is not None and self.trainable_layers < 0:
             raise ValueError(f"TrainConfig: trainable_layers={self.trainable_layers} must be None or >= 0")
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"TrainConfig: warmup={self.warmup} is a fraction of steps in [0, 1]")
-        if self.lr <= 0 or self.head_lr <= 0 or self.clip <= 0:
-            raise ValueError("TrainConfig: lr, head_lr and clip must be > 0")
+        if self.lr <= 0 or self.head_lr <= 0 or (self.clip is not None and self.clip <= 0):
+            raise ValueError("TrainConfig: lr and head_lr must be > 0, clip None or > 0")
 
 
 @dataclass
@@ -173,7 +178,8 @@ def finetune_on_support(model, episode: Episode, cfg: TrainConfig):
         loss = m.support_loss(episode.support, episode.types)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip)
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip)
         opt.step()
     return m.eval()
 
@@ -184,8 +190,12 @@ def train(
     dev_episodes: Sequence[Episode] = (),
     config: TrainConfig | None = None,
     progress: Callable[[int, float], None] | None = None,
+    metadata: dict | None = None,
 ) -> TrainResult:
-    """Episodic training; the model ends holding its best dev state (or the last if no dev episodes)."""
+    """Episodic training; the model ends holding its best dev state (or the last if no dev episodes).
+
+    ``metadata`` (setting name, data version and fingerprints) is written into ``train_result.json``.
+    """
     cfg = config or TrainConfig()
     if not train_episodes:
         raise ValueError("train: train_episodes is empty")
@@ -201,14 +211,18 @@ def train(
     eval_points = set(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)) if cfg.eval_every else set()
     eval_points.add(cfg.steps)
     for step in range(1, cfg.steps + 1):
-        ep = train_episodes[order.randrange(len(train_episodes))]
-        loss = model.episode_loss(ep)
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+        loss = torch.zeros(())
+        for _ in range(cfg.episodes_per_step):
+            ep = train_episodes[order.randrange(len(train_episodes))]
+            part = model.episode_loss(ep) / cfg.episodes_per_step
+            part.backward()
+            loss = loss + part.detach().cpu()
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
         opt.step()
         sched.step()
-        ran += 1
+        ran += cfg.episodes_per_step
         history.append({"step": step, "loss": float(loss.detach())})
         if progress:
             progress(step, float(loss.detach()))
@@ -231,6 +245,7 @@ def train(
     if cfg.output_dir:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "train_result.json").write_text(
-            json.dumps({"config": asdict(cfg), **asdict(result)}, indent=1), encoding="utf-8"
+            json.dumps({**(metadata or {}), "config": asdict(cfg), **asdict(result)}, indent=1),
+            encoding="utf-8",
         )
     return result
