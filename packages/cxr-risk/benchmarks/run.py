@@ -17,7 +17,8 @@ baseline; age is part of the true hazard) and the true log-hazard (the ceiling).
 Harrell's C with bootstrap 95% CIs on the internal and external test cohorts, per method and fraction.
 
 ``python benchmarks/run.py --device cpu --profile default --out bench-results/cxr-risk-cpu.json``
-(``nox -s "bench(cxr-risk, cpu)"``); default: 64 px, timm ``test_resnet``, a few minutes on 2 CPU cores.
+(``nox -s "bench(cxr-risk, cpu)"``); default: 64 px, timm ``test_resnet``, 3 seeds (each draws its own
+labelled patients), fractions 5-100%; about 6.5 min on the shared 2-core CPU at load ~1.7 (README).
 ``--profile full``: 224 px, resnet18, larger cohorts, 3 seeds and MoCo too (a GPU run).
 """
 
@@ -40,27 +41,29 @@ import torch
 
 from cxr_risk import Cohort, PreprocessConfig
 from cxr_risk.metrics import bootstrap_ci, harrell_c
+from cxr_risk.predict import load_risk_model, patient_level, predict_cohort
 from cxr_risk.survival import SurvivalConfig
 from cxr_risk.sweep import SweepConfig, plot_label_efficiency, run_sweep
 from cxr_risk.synth import make_cohort
 from cxr_risk.trainer import TrainConfig
 
 PROFILES = {
-    # default: meant for < 10 min on a quiet 2-core CPU (34 min measured at load average ~14 on 2 cores)
+    # default: sized for < 8 min on a quiet 2-core CPU (see README for the measured time): 3 seeds x 5 fractions
+    # x 5 methods = 75 fine-tunes of a few seconds each, 3 pretrainings of under a minute each.
     "default": dict(
         size=64,
         backbone="test_resnet",
-        n_pre=200,
-        n_dev=300,
-        n_ext=150,
+        n_pre=500,
+        n_dev=800,
+        n_ext=300,
         pretrain_epochs=6,
         finetune_epochs=6,
         min_steps=30,
         batch=32,
-        seeds=(0,),
+        seeds=(0, 1, 2),
         methods=("scratch", "transfer", "simclr", "autoencoder", "ssae"),
-        fractions=(0.05, 0.25, 1.0),
-        n_boot=50,
+        fractions=(0.05, 0.1, 0.25, 0.5, 1.0),
+        n_boot=100,
     ),
     "full": dict(
         size=224,
@@ -78,6 +81,7 @@ PROFILES = {
         n_boot=200,
     ),
 }
+EXT_SEED = 103  # the external cohort (and its shift-ablation copies: same patients)
 HORIZON = 8.0  # years: inside follow-up of the synthetic cohort (administratively censored at 12)
 
 
@@ -103,6 +107,60 @@ def _reference_rows(csv: Path, name: str, n_boot: int) -> list[list]:
         c, lo, hi = bootstrap_ci(harrell_c, t, e, score.to_numpy(float), n_boot=n_boot, seed=0)
         rows.append([label, name, "-", round(c, 3), f"{lo:.3f}-{hi:.3f}"])
     return rows
+
+
+# The external site's shift taken apart: (display gamma, noise s.d.) of make_cohort's external site. The
+# encoding (10-bit MONOCHROME1, SIGMOID window) stays in every variant; the reader undoes it exactly.
+SHIFT_PARTS = {"gamma only": (1.3, 0.02), "noise only": (1.0, 0.04), "encoding only": (1.0, 0.02)}
+
+
+def _shift_ablation(
+    work: Path, p: dict, config: SweepConfig, table: pd.DataFrame, ext_seed: int
+) -> benchkit.Section:
+    """C-index of the 100%-label models on external cohorts with one part of the shift each (same patients)."""
+    frac = max(config.fractions)
+    cohorts = {
+        name: Cohort.read(
+            make_cohort(
+                work / f"ext-{name.replace(' ', '-')}",
+                n=p["n_ext"],
+                seed=ext_seed,
+                size=max(64, p["size"]),
+                shift="external",
+                external_gamma=gamma,
+                external_noise=noise,
+            ),
+            check_files=False,
+        )
+        for name, (gamma, noise) in SHIFT_PARTS.items()
+    }
+    rows = []
+    for method in config.methods:
+        full = table[(table.method == method) & (table.fraction == frac) & (table.test_cohort == "external")]
+        internal = table[
+            (table.method == method) & (table.fraction == frac) & (table.test_cohort == "internal")
+        ]
+        cs: dict[str, list[float]] = {name: [] for name in SHIFT_PARTS}
+        for seed in config.seeds:
+            model, side = load_risk_model(work / "sweep" / "finetune" / f"{method}-f{frac:g}-s{seed}")
+            for name, cohort in cohorts.items():
+                pats = patient_level(predict_cohort(model, side, cohort, work / "cache"))
+                cs[name].append(harrell_c(pats["time"], pats["event"], pats["risk"]))
+        cells = [f"{internal.c_index.mean():.3f}", f"{full.c_index.mean():.3f} ({full.c_index.std():.3f})"]
+        cells += [
+            f"{np.mean(v):.3f} ({np.std(v, ddof=1) if len(v) > 1 else float('nan'):.3f})" for v in cs.values()
+        ]
+        rows.append([method, *cells])
+    return benchkit.Section(
+        title="External shift taken apart (models fine-tuned on 100% of labels)",
+        description=(
+            "Harrell's C, mean (sd) over seeds, of the same fine-tuned models on external cohorts of the same "
+            "patients with only part of the acquisition shift: the full shift is 10-bit MONOCHROME1 + SIGMOID "
+            "window + display gamma 1.3 + noise s.d. 0.04 (development site: 0.02). Synthetic data only."
+        ),
+        columns=["method", "internal", "full shift", *SHIFT_PARTS],
+        rows=rows,
+    )
 
 
 def main() -> None:
@@ -149,7 +207,9 @@ def main() -> None:
     frame = pd.read_csv(pre_csv).drop(columns=["time", "event"])  # diagnostic labels, no follow-up
     frame.to_csv(pre_csv, index=False)
     dev_csv = make_cohort(work / "dev", n=p["n_dev"], seed=102, size=max(64, p["size"]))
-    ext_csv = make_cohort(work / "ext", n=p["n_ext"], seed=103, size=max(64, p["size"]), shift="external")
+    ext_csv = make_cohort(
+        work / "ext", n=p["n_ext"], seed=EXT_SEED, size=max(64, p["size"]), shift="external"
+    )
     t_synth = time.perf_counter() - t_start
 
     weights = os.environ.get("CXR_RISK_IMAGENET_WEIGHTS") if args.profile == "full" else None
@@ -177,36 +237,60 @@ def main() -> None:
         work / "cache",
         log=benchkit.progress,
     )
+    ref_rows = _reference_rows(dev_csv, "development (all)", p["n_boot"]) + _reference_rows(
+        ext_csv, "external", p["n_boot"]
+    )
+    references = {
+        cohort: {row[0]: row[3] for row in ref_rows if row[1] == name}
+        for cohort, name in (("internal", "development (all)"), ("external", "external"))
+    }
     plot = "cxr-risk-label-efficiency.png"
-    plot_label_efficiency(table, outdir / plot, title=f"synthetic cohorts, {p['backbone']} at {p['size']} px")
+    plot_label_efficiency(
+        table,
+        outdir / plot,
+        title=f"synthetic cohorts, {p['backbone']} at {p['size']} px",
+        references=references,
+    )
 
     rows = []
     agg = table.groupby(["method", "fraction", "test_cohort"], sort=False).agg(
-        c=("c_index", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"), n=("n_train_patients", "first")
+        c=("c_index", "mean"),
+        sd=("c_index", "std"),
+        lo=("ci_low", "mean"),
+        hi=("ci_high", "mean"),
+        n=("n_train_patients", "mean"),
     )
     for method in config.methods:
         for frac in config.fractions:
-            r = [method, f"{frac:g}", int(agg.loc[(method, frac, "internal"), "n"])]
+            r = [method, f"{frac:g}", round(float(agg.loc[(method, frac, "internal"), "n"]))]
             for cohort in ("internal", "external"):
                 a = agg.loc[(method, frac, cohort)]
-                r += [round(float(a["c"]), 3), f"{a['lo']:.3f}-{a['hi']:.3f}"]
+                sd = float(a["sd"]) if len(config.seeds) > 1 else float("nan")
+                r += [round(float(a["c"]), 3), round(sd, 3), f"{a['lo']:.3f}-{a['hi']:.3f}"]
             rows.append(r)
+    # which method is best (mean external C over seeds) at each fraction, reported as measured
+    ext = agg.xs("external", level="test_cohort")["c"].unstack("fraction")
+    winners = {f"{f:g}": str(ext[f].idxmax()) for f in config.fractions}
     sweep_section = benchkit.Section(
         title="Label efficiency: C-index by pretraining method and fraction of labelled patients",
         description=(
-            "Patient-level Harrell's C (mean over seeds; bootstrap 95% CI over test patients) of a Cox head "
-            f"fine-tuned on nested fractions of {p['n_dev']} development images (70% of patients for training), "
-            f"tested on the internal 30% and on {p['n_ext']} external-site images. Encoders pretrained once per "
-            f"method on {p['n_pre']} images with diagnostic labels and no follow-up. Backbone timm "
-            f"{p['backbone']!r}, {p['size']} px, seeds {list(p['seeds'])}."
+            "Patient-level Harrell's C of a Cox head fine-tuned (whole network) on nested patient-level "
+            f"fractions of the training split of {p['n_dev']} development images (70% of patients), tested on "
+            f"the internal 30% and on {p['n_ext']} external-site images (10-bit MONOCHROME1, sigmoid window, "
+            f"other contrast, more noise). C: mean over seeds {list(p['seeds'])} (each seed draws its own "
+            "labelled patients and fine-tuning run); sd: over seeds; 95% CI: patient bootstrap, mean of the "
+            f"per-seed bounds. Encoders pretrained once per method on {p['n_pre']} images with diagnostic "
+            f"labels and no follow-up. Backbone timm {p['backbone']!r}, {p['size']} px. Synthetic data only."
         ),
         columns=[
             "method",
             "fraction",
             "train patients",
             "internal C",
+            "internal sd",
             "internal 95% CI",
             "external C",
+            "external sd",
             "external 95% CI",
         ],
         rows=rows,
@@ -214,11 +298,12 @@ def main() -> None:
         notes=[
             "transfer on CPU: no ImageNet weights are available offline, so it is a random-initialisation "
             "stand-in (differs from scratch by seed only); --profile full uses CXR_RISK_IMAGENET_WEIGHTS.",
+            "ssae here: reconstruction + masked diagnostic-label BCE; the pretraining cohort has no "
+            "follow-up, so its survival term is off (the fine-tuning stage supplies the survival loss).",
+            "best method by mean external C per fraction: "
+            + ", ".join(f"{f}: {m}" for f, m in winners.items()),
             f"synthetic data generation {t_synth:.0f} s; timings per stage in the sweep's results.json.",
         ],
-    )
-    ref_rows = _reference_rows(dev_csv, "development (all)", p["n_boot"]) + _reference_rows(
-        ext_csv, "external", p["n_boot"]
     )
     ref_section = benchkit.Section(
         title="Reference scores on the same synthetic cohorts (no training on pixels)",
@@ -227,6 +312,8 @@ def main() -> None:
         rows=ref_rows,
     )
     result.sections += [sweep_section, ref_section]
+    benchkit.progress("external shift ablation (100% models)")
+    result.sections.append(_shift_ablation(work, p, config, table, ext_seed=EXT_SEED))
 
     cache_speed = Path(__file__).with_name("cache_speed.py")
     if cache_speed.is_file():
@@ -244,6 +331,7 @@ def main() -> None:
     }
     result.extra = {
         "best_external_c": best,
+        "best_method_by_fraction_external": winners,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "overrides": args.override,
     }
@@ -260,4 +348,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     np.seterr(over="ignore")
+    # before any torch op, so the intra-op threads inherit it (see TrainConfig.flush_denormal)
+    torch.set_flush_denormal(True)
     main()

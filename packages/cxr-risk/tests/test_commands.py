@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cxr_risk.cli import main
+from cxr_risk.methods import FINETUNE_AUGMENT
 from cxr_risk.synth import make_cohort
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,12 +287,18 @@ def test_sweep_command(site, tmp_path):
             10,
             "--horizon",
             8,
+            "--seeds",
+            "0,1",
+            "--augment",
             "--no-progress",
         )
         == 0
     )
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 2 * 2 * 2  # methods x fractions x test cohorts
+    assert len(table) == 2 * 2 * 2 * 2  # methods x fractions x seeds x test cohorts
+    assert sorted(set(table["seed"])) == [0, 1]
+    side = json.loads((out / "finetune" / "autoencoder-f0.5-s1" / "model.json").read_text())
+    assert side["extra"]["augment"]["gamma"] == FINETUNE_AUGMENT.gamma  # --augment reached every fine-tune
     assert set(table["test_cohort"]) == {"internal", "external"}
     small = table[table["fraction"] == 0.5]["n_train_patients"].iloc[0]
     assert small < table[table["fraction"] == 1.0]["n_train_patients"].iloc[0]

@@ -50,6 +50,20 @@ def test_augment_is_per_image_in_range_and_seeded():
     torch.testing.assert_close(ident, x, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="crop_scale"):
         AugmentConfig(crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="gamma"):
+        AugmentConfig(gamma=1.0)
+
+
+def test_augment_gamma_is_a_per_image_power():
+    """Gamma jitter alone maps every pixel of image i through y ** g_i with g_i in [1 - gamma, 1 + gamma]."""
+    x = torch.rand(5, 1, 16, 16).clamp(0.05, 0.95)
+    cfg = AugmentConfig((1.0, 1.0), 0.0, 0.0, 0.0, 0.0, gamma=0.3)
+    y = GrayscaleAugment(cfg)(x, torch.Generator().manual_seed(3))
+    g = torch.log(y) / torch.log(x)  # one exponent per image
+    spread = (g - g.mean(dim=(1, 2, 3), keepdim=True)).abs().max()
+    assert spread < 1e-3, spread
+    assert ((g.mean(dim=(1, 2, 3)) >= 0.7 - 1e-4) & (g.mean(dim=(1, 2, 3)) <= 1.3 + 1e-4)).all()
+    assert g.mean(dim=(1, 2, 3)).std() > 0.01  # drawn per image
 
 
 def test_moco_momentum_update_and_queue():

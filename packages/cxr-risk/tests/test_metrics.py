@@ -157,3 +157,68 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
     assert a == b and a[1] < a[0] < a[2]
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_ci(harrell_c, time, event, risk, n_boot=0)
+
+
+# ------------------------------------------------------------------------- scikit-survival cross-checks
+# lifelines has no Uno's C, cumulative/dynamic AUC or IPCW Brier score; scikit-survival does. Times are
+# continuous (no ties), where the conventions G(T-) vs G(T) and tie rules of the two libraries coincide.
+def _sksurv_cohorts(seed: int):
+    sksurv_util = pytest.importorskip("sksurv.util", reason="scikit-survival is a test-only dependency")
+    rng = np.random.default_rng(seed)
+    n_train, n_test = 400, 150
+    time, event, risk = cohort(n_train + n_test, seed=seed)
+    # test times inside the training range: scikit-survival's censoring estimate must cover them
+    inside = np.nonzero(time[n_train:] < time[:n_train].max())[0] + n_train
+    test = inside[: min(len(inside), n_test)]
+    train = np.arange(n_train)
+    y_train = sksurv_util.Surv.from_arrays(event[train].astype(bool), time[train])
+    y_test = sksurv_util.Surv.from_arrays(event[test].astype(bool), time[test])
+    return rng, (time, event, risk), train, test, y_train, y_test
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_harrell_and_uno_c_match_scikit_survival(seed):
+    from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
+
+    _, (time, event, risk), train, test, y_train, y_test = _sksurv_cohorts(seed)
+    ref_h = concordance_index_censored(event[test].astype(bool), time[test], risk[test])[0]
+    assert abs(harrell_c(time[test], event[test], risk[test]) - ref_h) < 1e-12
+    tau = float(np.quantile(time[test], 0.8))
+    ref_u = concordance_index_ipcw(y_train, y_test, risk[test], tau=tau)[0]
+    ours = uno_c(
+        time[test], event[test], risk[test], tau=tau, train_time=time[train], train_event=event[train]
+    )
+    assert abs(ours - ref_u) < 1e-9, (ours, ref_u)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_time_dependent_auc_matches_scikit_survival(seed):
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    _, (time, event, risk), train, test, y_train, y_test = _sksurv_cohorts(seed)
+    times = np.quantile(time[test][event[test] == 1], [0.25, 0.5, 0.75])
+    ref, _ = cumulative_dynamic_auc(y_train, y_test, risk[test], times)
+    ours = [
+        time_dependent_auc(time[test], event[test], risk[test], t, time[train], event[train]) for t in times
+    ]
+    assert np.allclose(ours, ref, atol=1e-9, rtol=0), (ours, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brier_and_integrated_brier_match_scikit_survival(seed):
+    from sksurv.metrics import brier_score as sk_brier
+    from sksurv.metrics import integrated_brier_score as sk_ibs
+
+    rng, (time, event, risk), train, test, y_train, y_test = _sksurv_cohorts(seed)
+    times = np.linspace(np.quantile(time[test], 0.1), np.quantile(time[test], 0.7), 9)
+    # S_i(t) of a proportional-hazards model with noise: any values in [0, 1] are a valid test
+    surv = np.exp(-np.exp(risk[test])[:, None] * times[None, :] / 10) * rng.uniform(0.9, 1.0, (len(test), 1))
+    _, ref = sk_brier(y_train, y_test, surv, times)
+    ours = [
+        brier_score(time[test], event[test], surv[:, k], t, time[train], event[train])
+        for k, t in enumerate(times)
+    ]
+    assert np.allclose(ours, ref, atol=1e-9, rtol=0), (ours, ref)
+    ref_ibs = sk_ibs(y_train, y_test, surv, times)
+    ours_ibs = integrated_brier_score(time[test], event[test], surv, times, time[train], event[train])
+    assert abs(ours_ibs - ref_ibs) < 1e-9, (ours_ibs, ref_ibs)

@@ -45,3 +45,6 @@ def test_plot(tmp_path):
     ]
     out = plot_label_efficiency(pd.DataFrame(rows), tmp_path / "x.png")
     assert out.stat().st_size > 1000
+    refs = {"external": {"ceiling": 0.75, "age only": 0.55}}
+    with_refs = plot_label_efficiency(pd.DataFrame(rows), tmp_path / "refs.png", references=refs)
+    assert with_refs.read_bytes() != out.read_bytes()

@@ -139,6 +139,24 @@ def test_external_site_is_shifted(tmp_path: Path) -> None:
         assert read_image(path, RAW)[1].inversion_applied
 
 
+def test_external_gamma_and_noise_are_the_shift(tmp_path: Path) -> None:
+    """Same patients, no noise: the image read back at gamma 1.3 is the gamma-1 image to the power 1.3."""
+    base = make_cohort(
+        tmp_path / "g1", n=3, seed=2, size=40, shift="external", external_gamma=1.0, external_noise=0.0
+    )
+    shifted = make_cohort(tmp_path / "g13", n=3, seed=2, size=40, shift="external", external_noise=0.0)
+    for rel in pd.read_csv(base)["path"]:
+        a, _ = read_image(base.parent / rel, RAW)
+        b, _ = read_image(shifted.parent / rel, RAW)
+        inside = (a > 0.05) & (a < 0.95)  # away from the sigmoid window's clipped tails
+        err = np.abs(b[inside] - a[inside] ** 1.3).max()
+        assert err < 0.02, err  # 10-bit sigmoid quantisation
+    with pytest.raises(ValueError, match="external_gamma"):
+        make_cohort(tmp_path / "bad", n=1, shift="external", external_gamma=0.0)
+    with pytest.raises(ValueError, match="external_noise"):
+        make_cohort(tmp_path / "bad", n=1, shift="external", external_noise=-0.1)
+
+
 def test_deterministic(tmp_path: Path) -> None:
     a = pd.read_csv(make_cohort(tmp_path / "a", n=8, seed=5, size=32))
     b = pd.read_csv(make_cohort(tmp_path / "b", n=8, seed=5, size=32))

@@ -13,6 +13,8 @@ from cxr_risk import PreprocessConfig
 from cxr_risk.autoencoder import AutoencoderWeights, SemiSupervisedAutoencoder
 from cxr_risk.backbones import RiskModel, create_encoder
 from cxr_risk.checkpoint import Sidecar, load_sidecar, load_state
+from cxr_risk.contrastive import AugmentConfig, GrayscaleAugment
+from cxr_risk.methods import FINETUNE_AUGMENT
 from cxr_risk.predict import check_preprocess, load_risk_model, predict_images
 from cxr_risk.survival import SurvivalConfig
 from cxr_risk.trainer import FinetuneTask, TrainConfig, Trainer
@@ -58,25 +60,50 @@ def sidecar(kind: str = "risk", survival: SurvivalConfig | None = None) -> Sidec
     )
 
 
-def finetune_task(seed: int = 0) -> FinetuneTask:
+def finetune_task(seed: int = 0, augment: AugmentConfig | None = None) -> FinetuneTask:
     torch.manual_seed(seed)
-    return FinetuneTask(RiskModel(create_encoder(BACKBONE), SurvivalConfig(kind="cox", horizon=5.0)))
+    model = RiskModel(create_encoder(BACKBONE), SurvivalConfig(kind="cox", horizon=5.0))
+    return FinetuneTask(model, None if augment is None else GrayscaleAugment(augment))
+
+
+def test_finetune_augment_only_in_training_and_changes_the_loss():
+    data = Blobs(8, seed=5)
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("image", "time", "event")}
+    plain, aug = finetune_task(), finetune_task(augment=FINETUNE_AUGMENT)
+    plain.eval(), aug.eval()
+    torch.testing.assert_close(plain(batch)[0], aug(batch)[0], rtol=0, atol=0)  # eval: no jitter
+    plain.train(), aug.train()
+    torch.manual_seed(1)
+    a = aug(batch)[0]
+    torch.manual_seed(1)
+    assert not torch.equal(a, plain(batch)[0])
+    torch.manual_seed(1)
+    torch.testing.assert_close(aug(batch)[0], a, rtol=0, atol=0)  # seeded: reproducible
 
 
 def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "progress": False, **kw})
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_resume_continues_exactly(tmp_path, augment):
     data = Blobs(40)
     surv = SurvivalConfig(kind="cox", horizon=5.0).to_dict()
-    t_full = Trainer(finetune_task(), cfg(), tmp_path / "full", sidecar(survival=SurvivalConfig(horizon=5.0)))
+    aug = FINETUNE_AUGMENT if augment else None
+    t_full = Trainer(
+        finetune_task(augment=aug), cfg(), tmp_path / "full", sidecar(survival=SurvivalConfig(horizon=5.0))
+    )
     t_full.fit(data)
-    t_a = Trainer(finetune_task(), cfg(), tmp_path / "split", sidecar(survival=SurvivalConfig(horizon=5.0)))
+    t_a = Trainer(
+        finetune_task(augment=aug), cfg(), tmp_path / "split", sidecar(survival=SurvivalConfig(horizon=5.0))
+    )
     t_a.fit(data, stop_after=1)  # interrupted after one epoch
     # a new process would rebuild everything from scratch (different init seed) and resume from disk
     t_b = Trainer(
-        finetune_task(seed=123), cfg(), tmp_path / "split", sidecar(survival=SurvivalConfig(horizon=5.0))
+        finetune_task(seed=123, augment=aug),
+        cfg(),
+        tmp_path / "split",
+        sidecar(survival=SurvivalConfig(horizon=5.0)),
     )
     t_b.fit(data, resume=True)
     a, b = load_state(tmp_path / "full"), load_state(tmp_path / "split")
@@ -216,3 +243,51 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     for rank in (0, 1):  # 16 images / (2 ranks x batch 4) = 2 optimizer steps on each rank
         assert (tmp_path / "ck" / f"rank{rank}.txt").read_text() == "2"
     assert (tmp_path / "ck" / "model.safetensors").is_file()
+
+
+def _amp_run(tmp_path, device: torch.device, amp: str, name: str) -> tuple[Trainer, torch.Tensor]:
+    data = Blobs(24, seed=3)
+    task = finetune_task()
+    surv = SurvivalConfig(kind="cox", horizon=5.0)
+    tr = Trainer(task, cfg(epochs=1, amp=amp), tmp_path / name, sidecar(survival=surv), device=device)
+    tr.fit(data)
+    x = torch.stack([data[i]["image"] for i in range(len(data))])
+    return tr, x
+
+
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_amp_on_cpu_trains_fp32_weights_and_reloads(tmp_path, amp):
+    """bf16 autocast on CPU: the step runs, master weights and the checkpoint stay fp32, reload is exact."""
+    tr, x = _amp_run(tmp_path, torch.device("cpu"), amp, amp)
+    assert tr.amp_dtype == (torch.bfloat16 if amp == "bf16" else None)
+    state = load_state(tmp_path / amp)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    rows = [json.loads(r) for r in (tmp_path / amp / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "step")
+    model, side = load_risk_model(tmp_path / amp)
+    tr.task.eval()
+    with torch.no_grad():
+        before = tr.task.model(x)
+    assert torch.equal(before, predict_images(model, side, x)["out"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_amp_on_cuda_trains_and_checkpoint_predicts_identically(tmp_path, device, amp):
+    """On a GPU, "auto" picks bf16 where supported (else fp16 with a scaler); the checkpoint reloads on the
+    GPU and on the CPU and gives the risks the trained model gives."""
+    tr, x = _amp_run(tmp_path, device, amp, amp)
+    expected = torch.bfloat16 if amp == "auto" and torch.cuda.is_bf16_supported() else torch.float16
+    assert tr.amp_dtype == expected
+    assert tr.scaler.is_enabled() == (expected == torch.float16)
+    tr.task.eval()
+    with torch.no_grad():
+        before = tr.task.model(x.to(device)).float().cpu()
+    assert torch.isfinite(before).all()
+    model, side = load_risk_model(tmp_path / amp, device=device)
+    on_gpu = predict_images(model, side, x.to(device))["out"].float().cpu()
+    torch.testing.assert_close(on_gpu, before, rtol=1e-5, atol=1e-5)  # cuDNN may pick another algorithm
+    model_cpu, _ = load_risk_model(tmp_path / amp)
+    on_cpu = predict_images(model_cpu, side, x)["out"]
+    torch.testing.assert_close(on_cpu, before, rtol=1e-4, atol=1e-4)  # cuDNN vs CPU kernels, fp32

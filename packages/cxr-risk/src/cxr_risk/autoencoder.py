@@ -124,14 +124,16 @@ class SemiSupervisedAutoencoder(nn.Module):
             loss = loss + w.w_rec * rec
             logs["rec"] = float(rec.detach())
         if w.w_dx > 0 and self.dx_head is not None and "labels" in batch:
-            dx = masked_bce(self.dx_head(feats), batch["labels"], batch["label_mask"])
+            dx = masked_bce(self.dx_head(feats).float(), batch["labels"].float(), batch["label_mask"])
             loss = loss + w.w_dx * dx
             logs["dx"] = float(dx.detach())
         if w.w_risk > 0 and self.surv_head is not None and "time" in batch:
             has = torch.isfinite(batch["time"]) & torch.isfinite(batch["event"])
             out = self.surv_head(feats)
             if bool(has.any()):
-                risk = self.surv_head.loss(out[has], batch["time"][has], batch["event"][has])
+                risk = self.surv_head.loss(
+                    out[has].float(), batch["time"][has].float(), batch["event"][has].float()
+                )
             else:
                 risk = (out * 0.0).sum()  # keeps every parameter in the graph (DDP)
             loss = loss + w.w_risk * risk

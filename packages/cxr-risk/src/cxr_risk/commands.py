@@ -113,7 +113,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .backbones import BackboneConfig
-    from .methods import finetune
+    from .methods import FINETUNE_AUGMENT, finetune
 
     out = finetune(
         _cohort(args.cohort),
@@ -127,6 +127,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         method=args.method,
         freeze_encoder=args.freeze_encoder,
         resume=args.resume,
+        augment=FINETUNE_AUGMENT if args.augment else None,
     )
     print(f"fine-tuned risk model: {out}")
     return 0
@@ -227,6 +228,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .cli import config_from_args
+    from .methods import FINETUNE_AUGMENT
     from .survival import SurvivalConfig
     from .sweep import SweepConfig, run_sweep
 
@@ -243,6 +245,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         finetune=replace(train, epochs=args.epochs),
         finetune_min_steps=args.min_steps,
         n_boot=args.n_boot,
+        finetune_augment=FINETUNE_AUGMENT if args.augment else None,
     )
     table = run_sweep(
         _cohort(args.pretrain_cohort),
@@ -293,6 +296,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--method", choices=METHODS, default="scratch", help="recorded in the sidecar")
     p.add_argument("--freeze-encoder", action="store_true", help="train the head only (linear probe)")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="intensity jitter while fine-tuning (brightness, contrast, display gamma, blur; no crop): FINETUNE_AUGMENT",
+    )
     add_preprocess_arguments(p, size_default=None)
     _train_arguments(p, epochs=20, lr=3e-4)
     _survival_arguments(p)
@@ -339,6 +347,11 @@ def register(subparsers: Any) -> None:
         "--min-steps", type=int, default=50, help="fine-tuning steps at least, for small fractions"
     )
     p.add_argument("--n-boot", type=int, default=100)
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="intensity jitter while fine-tuning (brightness, contrast, display gamma, blur; no crop): FINETUNE_AUGMENT",
+    )
     p.add_argument("--head", choices=("cox", "logistic_hazard", "binary"), default="cox")
     p.add_argument("--horizon", type=float, default=12.0)
     add_preprocess_arguments(p, size_default=224)

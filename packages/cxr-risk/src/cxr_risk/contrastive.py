@@ -40,6 +40,7 @@ class AugmentConfig:
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.5)
     hflip_prob: float = 0.0
+    gamma: float = 0.0  # display-curve jitter: y ** g, g uniform in [1 - gamma, 1 + gamma]; 0 = off
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
@@ -50,6 +51,8 @@ class AugmentConfig:
         for name in ("brightness", "contrast", "blur_prob", "hflip_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"AugmentConfig: {name}={getattr(self, name)} must be in [0, 1]")
+        if not 0 <= self.gamma < 1:
+            raise ValueError(f"AugmentConfig: gamma={self.gamma} must be in [0, 1)")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"AugmentConfig: blur_sigma={self.blur_sigma} needs 0 < low <= high")
 
@@ -86,6 +89,8 @@ class GrayscaleAugment(nn.Module):
         mean = y.mean(dim=(1, 2, 3), keepdim=True)
         y = (y - mean) * u(1 - c.contrast, 1 + c.contrast)[:, None, None, None] + mean
         y = y + u(-c.brightness, c.brightness)[:, None, None, None]
+        if c.gamma > 0:
+            y = y.clamp(0.0, 1.0) ** u(1 - c.gamma, 1 + c.gamma)[:, None, None, None]
         if c.blur_prob > 0:
             sigma = u(*c.blur_sigma)
             radius = max(1, math.ceil(3 * c.blur_sigma[1]))

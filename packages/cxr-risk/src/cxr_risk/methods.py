@@ -21,6 +21,7 @@ whose sidecars carry the preprocessing contract; fine-tuning refuses to change i
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,29 @@ from .backbones import BackboneConfig, Encoder, RiskModel
 from .cache import CachedImageDataset
 from .checkpoint import Sidecar, load_sidecar, load_state
 from .cohort import Cohort
-from .contrastive import MoCo, SimCLR
+from .contrastive import AugmentConfig, GrayscaleAugment, MoCo, SimCLR
 from .predict import check_preprocess
 from .preprocess import PreprocessConfig
 from .survival import SurvivalConfig
 from .trainer import FinetuneTask, TrainConfig, Trainer
 
-__all__ = ["METHODS", "PRETRAINED_METHODS", "build_pretrain_task", "finetune", "pretrain"]
+__all__ = ["FINETUNE_AUGMENT", "METHODS", "PRETRAINED_METHODS", "build_pretrain_task", "finetune", "pretrain"]
 
 METHODS: tuple[str, ...] = ("scratch", "transfer", "simclr", "moco", "autoencoder", "ssae")
 PRETRAINED_METHODS: tuple[str, ...] = ("simclr", "moco", "autoencoder", "ssae")
+
+# Intensity-only jitter for survival fine-tuning: brightness, contrast, display gamma and blur model another
+# site's detector and display curve. No crop or rotation: the lesion's apparent size is what carries the
+# hazard, and a crop would rescale it.
+FINETUNE_AUGMENT = AugmentConfig(
+    crop_scale=(1.0, 1.0),
+    max_rotation_deg=0.0,
+    brightness=0.1,
+    contrast=0.2,
+    gamma=0.3,
+    blur_prob=0.5,
+    blur_sigma=(0.1, 1.0),
+)
 
 
 def build_pretrain_task(
@@ -154,11 +168,13 @@ def finetune(
     method: str = "scratch",
     freeze_encoder: bool = False,
     resume: bool = False,
+    augment: AugmentConfig | None = None,
 ) -> Path:
     """Fine-tune a risk model on ``cohort`` (needs follow-up), from a pretrained checkpoint when ``init``.
 
     With ``init`` the backbone and preprocessing come from its sidecar (``preprocess`` may be given only if
     it is the same); without it ``backbone`` is required (``transfer`` passes one with ``checkpoint_path``).
+    ``augment``: training-time image jitter (e.g. :data:`FINETUNE_AUGMENT`); None = none.
     """
     if not cohort.has_survival:
         raise ValueError("finetune: the cohort has no time/event columns; fine-tuning needs follow-up")
@@ -176,13 +192,15 @@ def finetune(
         _load_encoder_weights(encoder, Path(init))
     model = RiskModel(encoder, survival)
     task: FinetuneTask
+    aug = GrayscaleAugment(augment) if augment is not None else None
     if freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-        task = _FrozenEncoderTask(model)
+        task = _FrozenEncoderTask(model, aug)
     else:
-        task = FinetuneTask(model)
+        task = FinetuneTask(model, aug)
     extra["freeze_encoder"] = freeze_encoder
+    extra["augment"] = None if augment is None else asdict(augment)
     sidecar = Sidecar.create(
         "risk", backbone.to_dict(), preprocess, labels=[], survival=survival.to_dict(), extra=extra
     )

@@ -4,7 +4,12 @@ The experiment of Chen, Lu & Raghu (MIDL 2023), section 4: pretrain once per met
 diagnostic labels (no follow-up), fine-tune on nested patient-level fractions of a development cohort with
 follow-up, and test on a held-out internal split and an external cohort. Writes ``results.csv`` (tidy: one
 row per method, fraction, seed and test cohort), ``results.json`` and ``label_efficiency.png`` (C-index vs
-fraction of labelled patients, one line per method, bootstrap CIs shaded).
+fraction of labelled patients, one line per method, bootstrap CIs shaded, seed spread as error bars).
+
+What a seed changes: the draw of the labelled patients (nested fractions of the training split) and the
+fine-tuning run (head initialisation, data order, augmentation). The internal/external test cohorts and the
+pretrained encoders stay fixed, so the spread over seeds is the label-sampling plus optimisation variance
+that decides label efficiency at small fractions.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pandas as pd
 
 from .backbones import BackboneConfig
 from .cohort import Cohort, label_fraction_subsets, patient_split
+from .contrastive import AugmentConfig
 from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain
 from .metrics import bootstrap_ci, harrell_c
 from .predict import load_risk_model, patient_level, predict_cohort
@@ -37,7 +43,8 @@ class SweepConfig:
 
     ``finetune_min_steps``: small fractions have few images, so fine-tuning runs at least this many optimizer
     steps (more epochs) for every fraction; ``transfer_checkpoint``: ImageNet weights for ``transfer`` (None =
-    random-initialisation stand-in).
+    random-initialisation stand-in); ``finetune_augment``: training-time jitter for every fine-tune (e.g.
+    :data:`~cxr_risk.methods.FINETUNE_AUGMENT`), None = none.
     """
 
     methods: tuple[str, ...] = ("scratch", "transfer", "simclr", "autoencoder", "ssae")
@@ -51,6 +58,7 @@ class SweepConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, progress=False))
     finetune_min_steps: int = 50
     freeze_encoder: bool = False
+    finetune_augment: AugmentConfig | None = None
     test_fraction: float = 0.3
     n_boot: int = 100
 
@@ -86,7 +94,9 @@ def run_sweep(
     split = patient_split(
         dev_cohort, (1 - config.test_fraction, config.test_fraction), ("train", "test"), seed=0
     )
-    subsets = label_fraction_subsets(split["train"], config.fractions, seed=0)
+    subsets = {
+        seed: label_fraction_subsets(split["train"], config.fractions, seed=seed) for seed in config.seeds
+    }
     tests = {
         "internal": split["test"],
         **({"external": external_cohort} if external_cohort is not None else {}),
@@ -110,8 +120,8 @@ def run_sweep(
             timings[f"pretrain/{method}"] = time.perf_counter() - t0
     for method in config.methods:
         for frac in config.fractions:
-            sub = subsets[frac]
             for seed in config.seeds:
+                sub = subsets[seed][frac]
                 t0 = time.perf_counter()
                 ck = out / "finetune" / f"{method}-f{frac:g}-s{seed}"
                 ft = _finetune_config(config.finetune, len(sub), config.finetune_min_steps, seed)
@@ -128,6 +138,7 @@ def run_sweep(
                     init=pretrained.get(method),
                     method=method,
                     freeze_encoder=config.freeze_encoder and method in pretrained,
+                    augment=config.finetune_augment,
                 )
                 model, side = load_risk_model(ck)
                 for name, cohort in tests.items():
@@ -169,8 +180,18 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def plot_label_efficiency(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """C-index vs fraction of labelled patients, one line per method, one panel per test cohort."""
+def plot_label_efficiency(
+    table: pd.DataFrame,
+    path: str | Path,
+    title: str = "",
+    references: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """C-index vs fraction of labelled patients, one line per method, one panel per test cohort.
+
+    Line: mean over seeds. Shaded: the bootstrap 95% CI over test patients (mean of the per-seed bounds).
+    Error bars (with more than one seed): +- one standard deviation over seeds. ``references``: per test
+    cohort, named C-indices drawn as dashed horizontal lines (e.g. the true hazard's ceiling, age alone).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,17 +203,28 @@ def plot_label_efficiency(table: pd.DataFrame, path: str | Path, title: str = ""
         sub = table[table["test_cohort"] == name]
         for method, g in sub.groupby("method", sort=False):
             agg = g.groupby("fraction").agg(
-                c=("c_index", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean")
+                c=("c_index", "mean"),
+                sd=("c_index", "std"),
+                n=("c_index", "size"),
+                lo=("ci_low", "mean"),
+                hi=("ci_high", "mean"),
             )
             x = agg.index.to_numpy(dtype=float)
-            ax.plot(x, agg["c"], "o-", label=method)
-            ax.fill_between(x, agg["lo"], agg["hi"], alpha=0.15)
+            sd = agg["sd"].where(agg["n"] > 1).fillna(0.0).to_numpy()
+            line = ax.errorbar(
+                x, agg["c"], yerr=sd if sd.any() else None, fmt="o-", ms=4, capsize=2, label=method
+            )
+            ax.fill_between(x, agg["lo"], agg["hi"], alpha=0.12, color=line[0].get_color())
         ax.axhline(0.5, color="k", lw=0.6, ls=":")
+        for k, (label, value) in enumerate((references or {}).get(name, {}).items()):
+            ax.axhline(value, color=f"{0.25 + 0.3 * k:.2f}", lw=0.9, ls="--")
+            ax.annotate(label, (0.02, value), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
         ax.set_xscale("log")
         ax.set(xlabel="fraction of labelled patients", title=f"{name} test", ylim=(0.35, 1.0))
         ax.set_xticks(sorted(set(sub["fraction"])), [f"{f:g}" for f in sorted(set(sub["fraction"]))])
+    n_seeds = table["seed"].nunique() if "seed" in table else 1
     axes[0][0].set_ylabel("Harrell's C (patient-level)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, title=f"mean of {n_seeds} seed(s)", title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

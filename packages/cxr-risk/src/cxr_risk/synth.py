@@ -19,7 +19,10 @@ Lossless, JPEG 2000 Lossless and JPEG Baseline compression; PixelSpacing and Ima
 magnification factor; collimation borders; and 8/16-bit PNG and 16-bit TIFF copies.
 
 ``shift="external"`` writes a second site: every DICOM is 10-bit MONOCHROME1 DX with a SIGMOID window,
-the display contrast is changed (gamma 1.3) and the noise is higher, with the same hazard function.
+the display contrast is changed (``external_gamma``, default 1.3: mid-greys darken, so the lesion reads
+dimmer against lung) and the noise is higher (``external_noise``, default 0.04, twice the development
+site's), with the same hazard function. The reader undoes the encoding exactly; the gamma and the noise are
+what a model must generalise across (``external_gamma=1, external_noise=0.02`` leaves only the encoding).
 """
 
 from __future__ import annotations
@@ -245,6 +248,8 @@ def make_cohort(
     size: int = 128,
     late_fraction: float = 0.2,
     copies: bool = False,
+    external_gamma: float = 1.3,
+    external_noise: float = 0.04,
 ) -> Path:
     """Write ``n`` synthetic images, ``cohort.csv`` and ``truth.csv`` under ``out_dir``; return the CSV.
 
@@ -257,6 +262,8 @@ def make_cohort(
             cohort loader drops such images; they test that filter).
         copies: also write an 8-bit PNG and a 16-bit TIFF of each DICOM's display image under
             ``copies/`` (``truth.csv`` columns ``png_copy``/``tiff_copy``), to compare readers on one image.
+        external_gamma: display-curve exponent of the external site (``shift="external"`` only).
+        external_noise: pixel noise s.d. of the external site (the development site has 0.02).
     """
     if n < 1:
         raise ValueError(f"make_cohort: n={n} must be >= 1")
@@ -266,6 +273,10 @@ def make_cohort(
         raise ValueError(f"make_cohort: late_fraction={late_fraction} must be in [0, 1]")
     if size < 32:
         raise ValueError(f"make_cohort: size={size} must be >= 32 pixels")
+    if not external_gamma > 0:
+        raise ValueError(f"make_cohort: external_gamma={external_gamma} must be > 0 (1 = no change)")
+    if not external_noise >= 0:
+        raise ValueError(f"make_cohort: external_noise={external_noise} must be >= 0")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -300,7 +311,7 @@ def make_cohort(
     opacity = noisy_label(texture, 0.5)
     cardiomegaly = noisy_label(heart, 0.7)
     variants = EXTERNAL_VARIANTS if shift == "external" else VARIANTS
-    noise = 0.04 if shift == "external" else 0.02
+    noise = external_noise if shift == "external" else 0.02
     rows, truth = [], []
     image_no = 0
     base_date = np.datetime64("2000-01-01")
@@ -313,7 +324,7 @@ def make_cohort(
             border = 0.05 if image_no % 3 == 0 else 0.0
             display = render(size, lesion, float(heart[p]), rng, noise=noise, border=border)
             if shift == "external":
-                display = display**1.3
+                display = display**external_gamma
             view = "PA" if (image_no % 5) else "AP"
             late = j == 1 and rng.random() < late_fraction
             offset = int(rng.integers(1, 200)) if late else -int(rng.integers(0, 365))
