@@ -126,8 +126,9 @@ class EpisodeConfig:
     n_way / k_shot: the test setting (N-way K~2K-shot); train_n_way / train_k_shot: the training
     episodes' shape when it differs (0: same as the test setting).
     train / dev / test: episodes sampled from flat or synthetic corpora; episode files are read as they
-    are, capped at these counts (0: every episode of the file). protocol: ``episodes`` (Few-NERD) or ``full_test`` (support sets of
-    every test type, the whole test file as query; OntoNotes tag extension and domain transfer).
+    are, capped at these counts (0: every episode of the file). protocol: ``episodes`` (Few-NERD) or
+    ``full_test`` (support sets of every test type, the whole test file as query; OntoNotes tag extension
+    and domain transfer).
     support_sets: how many support sets ``full_test`` samples when ``data.support_files`` is empty.
     """
 
@@ -297,8 +298,16 @@ def _restrict(sentences: list[Sentence], keep: list[str]) -> list[Sentence]:
     return [Sentence(s.words, [x if x in allowed else "O" for x in s.labels]) for s in sentences]
 
 
-def _read_corpus(cfg: RunConfig, which: str, keep: list[str], seed: int) -> list[Sentence]:
+def _read_sentences(cfg: RunConfig, path: str) -> list[Sentence]:
+    """A flat corpus file in the config's ``data.format`` (CoNLL columns or Few-NERD flat)."""
     from .formats import read_conll, read_fewnerd_flat
+
+    if cfg.data.format == "conll":
+        return read_conll(path, cfg.data.token_column, cfg.data.tag_column)
+    return read_fewnerd_flat(path)
+
+
+def _read_corpus(cfg: RunConfig, which: str, keep: list[str], seed: int) -> list[Sentence]:
     from .synthetic import synthetic_corpus
 
     path = cfg.data.path(which)
@@ -306,10 +315,8 @@ def _read_corpus(cfg: RunConfig, which: str, keep: list[str], seed: int) -> list
         split = path.split(":", 1)[1] if ":" in path else ("train" if which == "train" else "test")
         n = max(400, 40 * cfg.episodes.n_way * cfg.episodes.k_shot)
         sents = synthetic_corpus(split, n, seed=seed)
-    elif cfg.data.format == "conll":
-        sents = read_conll(path, cfg.data.token_column, cfg.data.tag_column)
     else:
-        sents = read_fewnerd_flat(path)
+        sents = _read_sentences(cfg, path)
     return _restrict(sents, keep)
 
 
@@ -346,7 +353,6 @@ def _full_test_episodes(cfg: RunConfig, corpus: list[Sentence], seed: int) -> li
     The protocol of the OntoNotes tag-extension and domain-transfer settings (Das et al. 2022; ProML
     experiments): ``support_files`` when given, else ``support_sets`` greedy samples over all types.
     """
-    from .formats import read_conll, read_fewnerd_flat
     from .sampler import sample_support
 
     types = sorted({t for s in corpus for t in s.types})
@@ -354,14 +360,8 @@ def _full_test_episodes(cfg: RunConfig, corpus: list[Sentence], seed: int) -> li
         raise ValueError("full_test: the test corpus has no entity of the kept types (data.test_types)")
     supports: list[list[Sentence]] = []
     if cfg.data.support_files:
-
-        def read(path: str) -> list[Sentence]:
-            if cfg.data.format == "conll":
-                return read_conll(path, cfg.data.token_column, cfg.data.tag_column)
-            return read_fewnerd_flat(path)
-
         keep = cfg.data.test_types
-        supports = [_restrict(read(cfg.data.path(f)), keep) for f in cfg.data.support_files]
+        supports = [_restrict(_read_sentences(cfg, cfg.data.path(f)), keep) for f in cfg.data.support_files]
     else:
         rng = random.Random(seed)
         for _ in range(cfg.episodes.support_sets):
