@@ -28,6 +28,15 @@ def _preprocess_from_args(args: argparse.Namespace, required: bool) -> Any:
     return config_from_args(args)
 
 
+def _augment_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="intensity jitter while fine-tuning (brightness, contrast, display gamma, blur; no crop): "
+        "FINETUNE_AUGMENT",
+    )
+
+
 def _train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs)
@@ -296,11 +305,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--method", choices=METHODS, default="scratch", help="recorded in the sidecar")
     p.add_argument("--freeze-encoder", action="store_true", help="train the head only (linear probe)")
-    p.add_argument(
-        "--augment",
-        action="store_true",
-        help="intensity jitter while fine-tuning (brightness, contrast, display gamma, blur; no crop): FINETUNE_AUGMENT",
-    )
+    _augment_argument(p)
     add_preprocess_arguments(p, size_default=None)
     _train_arguments(p, epochs=20, lr=3e-4)
     _survival_arguments(p)
@@ -347,11 +352,7 @@ def register(subparsers: Any) -> None:
         "--min-steps", type=int, default=50, help="fine-tuning steps at least, for small fractions"
     )
     p.add_argument("--n-boot", type=int, default=100)
-    p.add_argument(
-        "--augment",
-        action="store_true",
-        help="intensity jitter while fine-tuning (brightness, contrast, display gamma, blur; no crop): FINETUNE_AUGMENT",
-    )
+    _augment_argument(p)
     p.add_argument("--head", choices=("cox", "logistic_hazard", "binary"), default="cox")
     p.add_argument("--horizon", type=float, default=12.0)
     add_preprocess_arguments(p, size_default=224)
