@@ -18,7 +18,7 @@ Harrell's C with bootstrap 95% CIs on the internal and external test cohorts, pe
 
 ``python benchmarks/run.py --device cpu --profile default --out bench-results/cxr-risk-cpu.json``
 (``nox -s "bench(cxr-risk, cpu)"``); default: 64 px, timm ``test_resnet``, 3 seeds (each draws its own
-labelled patients), fractions 5-100%; about 6.5 min on the shared 2-core CPU at load ~1.7 (README).
+labelled patients), fractions 5-100%; about 5.5 min on a quiet 2-core CPU (README).
 ``--profile full``: 224 px, resnet18, larger cohorts, 3 seeds and MoCo too (a GPU run).
 """
 
@@ -44,7 +44,7 @@ from cxr_risk.metrics import bootstrap_ci, harrell_c
 from cxr_risk.predict import load_risk_model, patient_level, predict_cohort
 from cxr_risk.survival import SurvivalConfig
 from cxr_risk.sweep import SweepConfig, plot_label_efficiency, run_sweep
-from cxr_risk.synth import make_cohort
+from cxr_risk.synth import DEVELOPMENT_NOISE, EXTERNAL_GAMMA, EXTERNAL_NOISE, make_cohort
 from cxr_risk.trainer import TrainConfig
 
 PROFILES = {
@@ -111,7 +111,11 @@ def _reference_rows(csv: Path, name: str, n_boot: int) -> list[list]:
 
 # The external site's shift taken apart: (display gamma, noise s.d.) of make_cohort's external site. The
 # encoding (10-bit MONOCHROME1, SIGMOID window) stays in every variant; the reader undoes it exactly.
-SHIFT_PARTS = {"gamma only": (1.3, 0.02), "noise only": (1.0, 0.04), "encoding only": (1.0, 0.02)}
+SHIFT_PARTS = {
+    "gamma only": (EXTERNAL_GAMMA, DEVELOPMENT_NOISE),
+    "noise only": (1.0, EXTERNAL_NOISE),
+    "encoding only": (1.0, DEVELOPMENT_NOISE),
+}
 
 
 def _shift_ablation(
@@ -156,7 +160,8 @@ def _shift_ablation(
         description=(
             "Harrell's C, mean (sd) over seeds, of the same fine-tuned models on external cohorts of the same "
             "patients with only part of the acquisition shift: the full shift is 10-bit MONOCHROME1 + SIGMOID "
-            "window + display gamma 1.3 + noise s.d. 0.04 (development site: 0.02). Synthetic data only."
+            f"window + display gamma {EXTERNAL_GAMMA} + noise s.d. {EXTERNAL_NOISE} (development site: "
+            f"{DEVELOPMENT_NOISE}). Synthetic data only."
         ),
         columns=["method", "internal", "full shift", *SHIFT_PARTS],
         rows=rows,

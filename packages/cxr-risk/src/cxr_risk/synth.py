@@ -59,6 +59,9 @@ VARIANTS: tuple[str, ...] = (
     "tiff_16bit",
 )
 EXTERNAL_VARIANTS: tuple[str, ...] = ("ext_dx_mono1_10bit_sigmoid",)
+DEVELOPMENT_NOISE = 0.02  # pixel noise s.d. of the development site (display units, [0, 1])
+EXTERNAL_GAMMA = 1.3  # display-curve exponent of the external site
+EXTERNAL_NOISE = 0.04  # pixel noise s.d. of the external site
 
 FIELD_OF_VIEW_MM = 350.0
 LUNG_CENTERS_X = (0.32, 0.68)  # lung ellipses: centre x, centre y 0.5, half-axes 0.15 x 0.3 (fractions)
@@ -86,7 +89,7 @@ def render(
     lesion: Lesion,
     heart: float,
     rng: np.random.Generator,
-    noise: float = 0.02,
+    noise: float = DEVELOPMENT_NOISE,
     border: float = 0.0,
 ) -> np.ndarray:
     """A display-space phantom in ``[0, 1]`` (0 black = air/lung, 1 white = bone), ``(size, size)``."""
@@ -248,8 +251,8 @@ def make_cohort(
     size: int = 128,
     late_fraction: float = 0.2,
     copies: bool = False,
-    external_gamma: float = 1.3,
-    external_noise: float = 0.04,
+    external_gamma: float = EXTERNAL_GAMMA,
+    external_noise: float = EXTERNAL_NOISE,
 ) -> Path:
     """Write ``n`` synthetic images, ``cohort.csv`` and ``truth.csv`` under ``out_dir``; return the CSV.
 
@@ -311,7 +314,7 @@ def make_cohort(
     opacity = noisy_label(texture, 0.5)
     cardiomegaly = noisy_label(heart, 0.7)
     variants = EXTERNAL_VARIANTS if shift == "external" else VARIANTS
-    noise = external_noise if shift == "external" else 0.02
+    noise = external_noise if shift == "external" else DEVELOPMENT_NOISE
     rows, truth = [], []
     image_no = 0
     base_date = np.datetime64("2000-01-01")
