@@ -12,7 +12,6 @@ lists, Few-NERD-INTRA-style disjoint types), not Few-NERD; ``--data DIR`` with F
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import benchkit
 from fewshot_synthetic import build, encoder_path, zero_shot_gap
 from paper_numbers import paper_table
 
+from proml_ner.experiment import sha256_file
 from proml_ner.formats import read_fewnerd_episodes
 from proml_ner.pipeline import ProMLNer
 from proml_ner.synthetic import synthetic_episodes
@@ -109,8 +109,7 @@ def accuracy_section(device: str, prof: dict, data: Path | None, seed: int) -> t
     )
     if data is not None:
         for name in ("train.jsonl", "test.jsonl"):
-            digest = hashlib.sha256((data / name).read_bytes()).hexdigest()
-            sec.notes.append(f"data {data / name}: sha256 {digest}")
+            sec.notes.append(f"data {data / name}: sha256 {sha256_file(data / name)}")
     else:
         sec.notes.append(
             f"data: proml_ner.synthetic generator, train seed {seed}, test seed {seed + 100}; "

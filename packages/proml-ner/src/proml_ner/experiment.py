@@ -46,6 +46,7 @@ __all__ = [
     "bundled_configs",
     "data_fingerprint",
     "load_run_config",
+    "sha256_file",
 ]
 
 FORMATS = ("fewnerd-episodes", "fewnerd-flat", "conll", "synthetic")
@@ -272,6 +273,15 @@ def load_run_config(name_or_path: str | Path, overrides: list[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ data
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (data files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def data_fingerprint(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev", "test")) -> dict:
     """What the result files record about the data: version, paths and SHA-256 of each file read."""
     files: dict[str, Any] = {}
@@ -283,11 +293,7 @@ def data_fingerprint(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev", 
         if path.startswith("synthetic"):
             files[name] = {"path": path, "generator": "proml_ner.synthetic"}
             continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        files[name] = {"path": path, "sha256": digest.hexdigest()}
+        files[name] = {"path": path, "sha256": sha256_file(path)}
     return {"format": cfg.data.format, "version": cfg.data.version, "files": files}
 
 
