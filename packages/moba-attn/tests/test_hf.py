@@ -24,6 +24,7 @@ from moba_attn.hf import (  # noqa: E402
     use_moba,
 )
 from moba_attn.hf_cache import MoBACache, MoBACacheLayer  # noqa: E402
+from moba_attn.reference import moba_attention_reference  # noqa: E402
 
 VOCAB = 97
 FAMILIES = ("llama", "qwen2", "mistral")
@@ -99,6 +100,8 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
         (dict(backend="cuda"), "backend"),
         (dict(full_attention_layers=3), "full_attention_layers"),
         (dict(full_attention_layers=(1.5,)), "full_attention_layers"),
+        (dict(sink_blocks=-1), "sink_blocks"),
+        (dict(topk=2, sink_blocks=2), "sink_blocks=2 needs topk >= 3"),
     ],
 )
 def test_config_validates(kwargs, match):
@@ -107,7 +110,7 @@ def test_config_validates(kwargs, match):
 
 
 def test_config_dict_round_trip():
-    cfg = MoBAConfig(block_size=64, topk=4, full_attention_layers=[-1, 0], backend="torch")
+    cfg = MoBAConfig(block_size=64, topk=4, full_attention_layers=[-1, 0], backend="torch", sink_blocks=1)
     assert cfg.full_attention_layers == (-1, 0)
     assert MoBAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
@@ -254,6 +257,35 @@ def test_sparse_generate_with_cache_equals_recompute(family, cache):
     for step, step_logits in enumerate(gen.logits):
         assert_close(step_logits[0], full[0, 10 + step], what=f"{family} step {step}")
         assert int(seq[0, 11 + step]) == int(full[0, 10 + step].argmax())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "moba"])
+def test_sink_blocks_in_model_generate_and_reference(cache):
+    """sink_blocks reaches the op: differs from plain MoBA, equals the reference rule, decodes exactly."""
+    plain = as_moba(tiny_model("llama"), MoBAConfig(block_size=4, topk=3))
+    model = as_moba(tiny_model("llama"), MoBAConfig(block_size=4, topk=3, sink_blocks=1))
+    prompt = tokens(1, 13)
+    with torch.no_grad():
+        assert not torch.allclose(plain(prompt).logits, model(prompt).logits, atol=1e-4)
+    fn = MoBAAttention(MoBAConfig(block_size=4, topk=3, sink_blocks=1))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g)
+    v = torch.randn(1, 2, 20, 8, generator=g)
+    out, _ = fn(_Module(0), q, k, v, None)
+    want = moba_attention_reference(
+        q=q[0].transpose(0, 1), k=k[0].transpose(0, 1), v=v[0].transpose(0, 1), block_size=4, topk=3,
+        sink_blocks=1,
+    )  # fmt: skip
+    assert_close(out[0], want, what="attention function with sinks")
+    past = MoBACache(config=model.config) if cache == "moba" else None
+    gen = model.generate(
+        prompt, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        past_key_values=past,
+    )  # fmt: skip
+    with torch.no_grad():
+        full = model(gen.sequences, use_cache=False).logits
+    for step, step_logits in enumerate(gen.logits):
+        assert_close(step_logits[0], full[0, 12 + step], what=f"sink step {step}")
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "moba"])

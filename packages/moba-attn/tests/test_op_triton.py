@@ -77,6 +77,27 @@ def test_fused_gate_topk_equals_torch_selection_with_ties(device) -> None:
     assert not (2 in row and 0 not in row)
 
 
+@pytest.mark.parametrize("sink", [1, 2])
+def test_triton_sink_blocks_match_reference_and_torch_selection(sink, device) -> None:
+    """Sink blocks in the fused gate: same picks as routing.select_blocks, same output as the reference."""
+    from moba_attn.triton_backend import gate_topk_triton
+
+    q, k, v, cu = packed_inputs([50, 1, 30], 2, 1, 16, device=device, seed=9)
+    layout, _ = validate(q, k, v, 8, 4, cu, None, None, sink)
+    table = BlockTable.build(layout)
+    info = QueryInfo.build(layout, table)
+    means = key_block_means(k, layout, table)
+    want = select_blocks(q.detach(), means, layout, table, info, 4, sink)
+    assert torch.equal(gate_topk_triton(q.detach(), means, layout, table, info, 4, sink), want)
+    kw = dict(q=q, k=k, v=v, cu_seqlens=cu, block_size=8, topk=4, sink_blocks=sink, return_lse=True)
+    o, lse = moba_attention(**kw, backend="triton")
+    o_ref, lse_ref = moba_attention_reference(**kw)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("lse", lse, lse_ref, 1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), grads(o, lse, (q, k, v)), grads(o_ref, lse_ref, (q, k, v))):
+        assert_close(name, a, b, 1e-4, 1e-3)
+
+
 def test_triton_decode_matches_prefill(device) -> None:
     q, k, v, cu = packed_inputs([45, 30], 2, 1, 16, device=device, grad=False)
     take = torch.tensor([40, 41, 42, 43, 44, 74], device=device)

@@ -68,6 +68,7 @@ def validate(
     cu_seqlens: Tensor | None,
     cu_seqlens_k: Tensor | None,
     scale: float | None,
+    sink_blocks: int = 0,
 ) -> tuple[Layout, float]:
     """Check every argument of :func:`moba_attn.moba_attention`; return the layout and the softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -104,6 +105,16 @@ def validate(
         raise ValueError(
             f"moba: topk must be an int >= 1 (the number of key blocks each query attends, own block "
             f"included), got {topk!r}"
+        )
+    if isinstance(sink_blocks, bool) or not isinstance(sink_blocks, int) or sink_blocks < 0:
+        raise ValueError(
+            f"moba: sink_blocks must be an int >= 0 (leading key blocks every query always attends), "
+            f"got {sink_blocks!r}"
+        )
+    if sink_blocks > topk - 1:
+        raise ValueError(
+            f"moba: sink_blocks={sink_blocks} needs topk >= {sink_blocks + 1}: sink blocks take slots of the "
+            f"topk - 1 earlier blocks (the own block is the remaining one); got topk={topk}"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[2])

@@ -75,6 +75,7 @@ def moba_attention(
     backend: str = "auto",
     return_lse: bool = False,
     block_means: Tensor | KeyBlockMeans | None = None,
+    sink_blocks: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mixture of Block Attention (Lu et al. 2025, arXiv:2502.13189, Sec. 2.2).
 
@@ -99,12 +100,17 @@ def moba_attention(
         block_means: optional precomputed mean key per block, ``[NBLK, Hkv, D]`` fp32 in packed block
             order (every sequence's ``ceil(len_k / block_size)`` blocks in turn), or a
             :class:`~moba_attn.KeyBlockMeans` kept by a KV cache. Only complete earlier blocks are read.
+        sink_blocks: the first ``sink_blocks`` key blocks of every sequence are always attended by the
+            queries after them, in place of routed blocks (they take ``sink_blocks`` of the ``topk - 1``
+            slots, so the key budget is unchanged). ``0`` (default) is the paper's MoBA. Pretrained
+            models lean on their first tokens as an attention sink; switching one to MoBA without
+            training, ``sink_blocks=1`` recovers most of the quality lost (see the README).
 
     Returns:
         ``o [Tq, Hq, D]`` in ``q``'s dtype; with ``return_lse`` also ``lse [Tq, Hq]`` fp32, the natural
         log of ``sum exp(scale * q . k)`` over the attended keys (differentiable).
     """
-    layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale)
+    layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, sink_blocks)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"moba: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if isinstance(block_means, KeyBlockMeans):
@@ -123,9 +129,9 @@ def moba_attention(
     if name == "triton":
         from .triton_backend import moba_attention_triton
 
-        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means)
+        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means, sink_blocks)
     else:
-        routing = route(q, k, layout, topk, block_means)
+        routing = route(q, k, layout, topk, block_means, sink_blocks)
         if name == "torch":
             from .torch_backend import moba_attention_torch
 

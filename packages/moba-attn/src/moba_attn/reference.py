@@ -15,8 +15,12 @@ from torch import Tensor
 from .inputs import validate
 
 
-def moba_mask_reference(q: Tensor, k: Tensor, block_size: int, topk: int) -> Tensor:
-    """Boolean ``[Hq, Lq, Lk]`` MoBA mask of one sequence whose queries are the last ``Lq`` of ``Lk`` keys."""
+def moba_mask_reference(q: Tensor, k: Tensor, block_size: int, topk: int, sink_blocks: int = 0) -> Tensor:
+    """Boolean ``[Hq, Lq, Lk]`` MoBA mask of one sequence whose queries are the last ``Lq`` of ``Lk`` keys.
+
+    ``sink_blocks = n``: the first ``n`` blocks win the gate for every later query (score ``+inf``), so
+    they fill ``n`` of the ``topk - 1`` earlier-block slots (see :mod:`moba_attn.routing`).
+    """
     lq, hq, _ = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
@@ -31,6 +35,7 @@ def moba_mask_reference(q: Tensor, k: Tensor, block_size: int, topk: int) -> Ten
     blocks = torch.arange(n_blocks, device=q.device)
     earlier = blocks[None, :] < own[:, None]  # [Lq, nb]
     scores = scores.masked_fill(~earlier, float("-inf"))
+    scores = scores.masked_fill(earlier & (blocks[None, :] < sink_blocks), float("inf"))
     # stable descending sort: among equal scores the earlier block comes first (the documented tie-break)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
@@ -53,6 +58,7 @@ def moba_attention_reference(
     cu_seqlens_k: Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    sink_blocks: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA attention by an explicit mask; same arguments and results as :func:`moba_attn.moba_attention`.
 
@@ -60,7 +66,7 @@ def moba_attention_reference(
     log of the sum of ``exp(scale * q . k)`` over attended keys, if ``return_lse``). Differentiable by
     autograd with respect to ``q``, ``k`` and ``v`` (the selection itself carries no gradient).
     """
-    layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale)
+    layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, sink_blocks)
     cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
     group = q.shape[1] // k.shape[1]
     outs, lses = [], []
@@ -70,7 +76,7 @@ def moba_attention_reference(
         vs = v[cu_k[s] : cu_k[s + 1]].float()
         if qs.shape[0] == 0:
             continue
-        mask = moba_mask_reference(qs.detach(), ks.detach(), block_size, topk)
+        mask = moba_mask_reference(qs.detach(), ks.detach(), block_size, topk, sink_blocks)
         kh = ks.repeat_interleave(group, dim=1)  # readable GQA: one copy of K/V per query head
         vh = vs.repeat_interleave(group, dim=1)
         logits = torch.einsum("qhd,khd->hqk", qs, kh) * scale

@@ -9,6 +9,12 @@ tested against it), so the selection is identical everywhere:
   would not change the ranking).
 * Only blocks that end before the query's own block starts compete. The own block is always attended
   (token-level causal), so ``topk - 1`` blocks are chosen among the earlier ones (all of them if fewer).
+* **Sink blocks** (``sink_blocks = n``, an extension of the paper's rule): the first ``n`` blocks of each
+  sequence win the gate outright for every later query (their score counts as ``+inf``), so they take
+  ``n`` of the ``topk - 1`` slots and the gate chooses the rest. Pretrained models put much of their
+  attention mass on the first tokens (the "attention sink" of Xiao et al. 2024, StreamingLLM,
+  arXiv:2309.17453); plain MoBA routes those tokens away and a model switched to MoBA without training
+  loses that anchor. ``n = 0`` is the paper's MoBA.
 * **Ties** are broken towards the *earlier* block: among equal scores the lower block index wins
   (``torch.argmax`` returns the first maximum; the reference uses a stable descending sort).
 * No gradient flows through the selection.
@@ -87,11 +93,17 @@ def key_block_means(k: Tensor, layout: Layout, table: BlockTable) -> Tensor:
 
 @torch.no_grad()
 def select_blocks(
-    q: Tensor, means: Tensor, layout: Layout, table: BlockTable, info: QueryInfo, topk: int
+    q: Tensor,
+    means: Tensor,
+    layout: Layout,
+    table: BlockTable,
+    info: QueryInfo,
+    topk: int,
+    sink_blocks: int = 0,
 ) -> Tensor:
     """Top ``topk - 1`` earlier blocks per query and head: ``[Tq, Hq, topk - 1]`` global ids, ``-1`` = none.
 
-    Chosen blocks are listed best first; ties go to the lower block index. Sequences are processed in
+    Chosen blocks are listed best first (sink blocks first of all); ties go to the lower block index. Sequences are processed in
     groups so that the score scratch stays below ``_GATE_CHUNK_ELEMS`` elements; each group scores its
     queries only against its own sequences' blocks, never a ``[T, T]`` or ``[T, all blocks]`` matrix.
     """
@@ -121,12 +133,15 @@ def select_blocks(
         m = means[b0:b1]  # [nb, Hkv, D]
         bseq = table.block_seq[b0:b1]
         bidx = torch.arange(b0, b1, device=q.device)
+        sink = (bidx - table.block_offset[bseq]) < sink_blocks  # [nb] leading blocks of their sequence
         for r0 in range(q0, q1, rows):
             r1 = min(q1, r0 + rows)
             qq = q[r0:r1].detach().float().view(r1 - r0, hkv, grp, d)
             scores = torch.einsum("thgd,nhd->thgn", qq, m).reshape(r1 - r0, hq, b1 - b0)
             ok = (bseq[None, :] == info.seq[r0:r1, None]) & (bidx[None, :] < info.own_block[r0:r1, None])
             scores.masked_fill_(~ok[:, None, :], float("-inf"))
+            if sink_blocks:
+                scores.masked_fill_((ok & sink[None, :])[:, None, :], float("inf"))
             n_ok = ok.sum(-1)  # [rows] earlier blocks available
             for j in range(n_sel):
                 best = scores.argmax(-1)  # first maximum: ties go to the earlier block
@@ -165,12 +180,20 @@ def gate_means(
     return block_means.to(device=q.device, dtype=torch.float32)
 
 
-def route(q: Tensor, k: Tensor, layout: Layout, topk: int, block_means: Tensor | None = None) -> Routing:
+def route(
+    q: Tensor,
+    k: Tensor,
+    layout: Layout,
+    topk: int,
+    block_means: Tensor | None = None,
+    sink_blocks: int = 0,
+) -> Routing:
     """Build the block table, the gate and the selection for one call."""
     table = BlockTable.build(layout)
     info = QueryInfo.build(layout, table)
     if topk > 1:
-        selected = select_blocks(q, gate_means(q, k, layout, table, block_means), layout, table, info, topk)
+        means = gate_means(q, k, layout, table, block_means)
+        selected = select_blocks(q, means, layout, table, info, topk, sink_blocks)
     else:
         selected = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     return Routing(layout, table, info, selected)

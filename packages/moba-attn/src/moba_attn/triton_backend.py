@@ -50,7 +50,13 @@ def _bd(d: int) -> int:
 
 
 def gate_topk_triton(
-    q: Tensor, means: Tensor, layout: Layout, table: BlockTable, info: QueryInfo, topk: int
+    q: Tensor,
+    means: Tensor,
+    layout: Layout,
+    table: BlockTable,
+    info: QueryInfo,
+    topk: int,
+    sink_blocks: int = 0,
 ) -> Tensor:
     """Fused gate + top-k: ``[Tq, Hq, topk - 1]`` global block ids (``-1`` = none), same rule as torch's."""
     tq, hq, d = q.shape
@@ -69,7 +75,7 @@ def gate_topk_triton(
     own = (info.own_block - table.block_offset[info.seq]).to(torch.int32)
     kern.gate_topk_kernel[(total, hq)](
         q.contiguous(), means.contiguous(), own, r0.to(torch.int32), r1.to(torch.int32), boff.to(torch.int32), sel,
-        HQ=hq, HKV=means.shape[1], D=d, NSEL=n_sel, BM=_GATE_BM, BN=_GATE_BN, BD=_bd(d),
+        HQ=hq, HKV=means.shape[1], D=d, NSEL=n_sel, SINK=sink_blocks, BM=_GATE_BM, BN=_GATE_BN, BD=_bd(d),
     )  # fmt: skip
     return sel.long()
 
@@ -188,13 +194,21 @@ class _MobaTritonFn(torch.autograd.Function):
 
 
 def moba_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, layout: Layout, topk: int, scale: float, block_means: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Layout,
+    topk: int,
+    scale: float,
+    block_means: Tensor | None,
+    sink_blocks: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Triton backend: ``o [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` fp32."""
     table = BlockTable.build(layout)
     info = QueryInfo.build(layout, table)
     if topk > 1:
-        sel = gate_topk_triton(q, gate_means(q, k, layout, table, block_means), layout, table, info, topk)
+        means = gate_means(q, k, layout, table, block_means)
+        sel = gate_topk_triton(q, means, layout, table, info, topk, sink_blocks)
     else:
         sel = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     routing = Routing(layout, table, info, sel)

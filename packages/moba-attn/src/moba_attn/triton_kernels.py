@@ -4,7 +4,8 @@
   the ``[T, n_blocks]`` score matrix is never written. Selection runs ``topk - 1`` rounds; round ``r``
   takes the best block strictly *after* round ``r - 1``'s pick in the order (score descending, block
   index ascending), so ties go to the earlier block exactly as ``torch.argmax`` does in
-  :func:`moba_attn.routing.select_blocks`.
+  :func:`moba_attn.routing.select_blocks`. The first ``SINK`` blocks of the sequence score ``+inf``
+  (sink blocks, always chosen first).
 * ``attn_fwd_kernel``: block attention of a tile of gathered query rows against one key block (one kv
   head), online softmax, writes the partial output and LSE. ``CAUSAL`` tiles are own blocks whose rows
   are laid out by their offset in the block, so query row ``r`` sees keys ``c <= r``.
@@ -24,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def gate_topk_kernel(
     Q, MEANS, OWN, TILE_R0, TILE_R1, TILE_BOFF, SEL,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NSEL: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NSEL: tl.constexpr, SINK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -57,6 +58,8 @@ def gate_topk_kernel(
                 other=0.0,
             )
             s = tl.dot(q, tl.trans(m), input_precision="ieee")
+            if SINK > 0:  # sink blocks win outright (score +inf), earlier first among them
+                s = tl.where(cols[None, :] < SINK, float("inf"), s)
             after_prev = (s < prev_s[:, None]) | ((s == prev_s[:, None]) & (cols[None, :] > prev_i[:, None]))
             elig = (cols[None, :] < own[:, None]) & after_prev
             sm = tl.where(elig, s, float("-inf"))
