@@ -78,9 +78,7 @@ def test_torch_backend_with_sinks_matches_reference(case: tuple) -> None:
         assert_close(name, a, b, 5 * _tol(d), 1e-4)
 
 
-@pytest.mark.parametrize(
-    "q_lens", [[1, 1, 1], [5, 40, 1], [70, 2, 33]], ids=["decode", "chunk", "mixed"]
-)
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [5, 40, 1], [70, 2, 33]], ids=["decode", "chunk", "mixed"])
 def test_sinks_in_decode_and_chunked_prefill_equal_prefill(q_lens: list[int]) -> None:
     lengths = [70, 120, 33]
     q, k, v, cu = packed_inputs(lengths, 4, 2, 32, seed=7, grad=False)

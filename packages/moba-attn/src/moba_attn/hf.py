@@ -87,7 +87,11 @@ class MoBAConfig:
             raise ValueError(
                 f"MoBAConfig: topk={self.topk!r} must be a positive int; it counts the query's own block"
             )
-        if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
+        if (
+            isinstance(self.sink_blocks, bool)
+            or not isinstance(self.sink_blocks, int)
+            or self.sink_blocks < 0
+        ):
             raise ValueError(f"MoBAConfig: sink_blocks={self.sink_blocks!r} must be an int >= 0 (e.g. 1)")
         if self.sink_blocks > self.topk - 1:
             raise ValueError(
