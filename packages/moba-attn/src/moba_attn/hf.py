@@ -23,7 +23,9 @@ Usage::
     use_moba(model, False)    # full attention (SDPA) for the last stretch of a hybrid schedule
 
 The MoBA configuration lives in ``model.config.moba_config`` (a plain dict), so it survives
-``save_pretrained``/``from_pretrained``. Tested against transformers 5.x.
+``save_pretrained``/``from_pretrained``. ``torch.compile(model, fullgraph=True)`` compiles without
+graph breaks: under compile each attention call is one custom op (:mod:`moba_attn.hf_op`). Tested
+against transformers 5.x.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .hf_op import hf_attention
 
 __all__ = [
     "MOBA_CONFIG_KEY",
@@ -169,19 +173,71 @@ def moba_attention_mask(
     """Mask builder registered in ``AttentionMaskInterface`` under ``"moba"``.
 
     MoBA works on unpadded varlen sequences, like flash-attn: all it needs is the 2D boolean padding
-    mask ``[B, kv_length]`` (``True`` = real token), or ``None`` when nothing is padded. Causality is
-    part of the op; packed sequences arrive through ``position_ids``/``cu_seq_lens_*`` instead.
-    transformers calls mask builders with keywords; the rest (``batch_size``, ``q_length`` or
-    ``cache_position``, depending on the version; ``mask_function``, ...) is not needed here.
+    mask ``[B, S]`` (``True`` = real token), or ``None`` when nothing is padded. Causality is part of
+    the op; packed sequences arrive through ``position_ids``/``cu_seq_lens_*`` instead. transformers
+    calls mask builders with keywords; the rest (``batch_size``, ``q_length``, ``mask_function``, ...)
+    is not needed here.
+
+    The mask covers ``kv_offset + kv_length`` slots: for a sliding-window cache layer ``kv_offset``
+    slots have already been dropped, and the attention function needs to see them to tell dropped
+    padding (harmless) from dropped tokens (an error, see ``_check_sliding_window``).
+
+    Under ``torch.compile`` the mask is returned even when nothing is padded: testing that would be a
+    data-dependent branch (a graph break); the compiled op treats an all-true mask as no padding.
     """
     if attention_mask is None:
         return None
     if attention_mask.ndim != 2:  # a prepared 4D mask never reaches a mask interface
         raise ValueError(f"moba: expected a 2D padding mask, got shape {tuple(attention_mask.shape)}")
-    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    kv_offset = kwargs.get("kv_offset")
+    slots = kv_length + (kv_offset if isinstance(kv_offset, int) else 0)
+    attention_mask = attention_mask[:, -slots:].to(torch.bool)
+    if torch.compiler.is_compiling():
+        return attention_mask
+    if attention_mask.shape[1] == slots and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _check_sliding_window(
+    name: str, window: int | None, s_k: int, attention_mask: Tensor | None, position_ids: Tensor | None
+) -> Tensor | None:
+    """Raise unless a sliding window covers every position seen so far; return the mask cut to the keys.
+
+    MoBA attends the whole causal context (its own block plus routed earlier blocks), so a window is
+    only honoured when it is at least the context: then sliding-window and full attention agree. The
+    context is read from the absolute positions (``position_ids``, which transformers derives from the
+    padding mask in padded batches), not from the number of keys: transformers' sliding-window cache
+    layers keep only the last ``window - 1`` keys, so in ``generate()`` the keys never outnumber the
+    window while positions keep growing. A mask longer than the keys means the cache dropped slots;
+    that is fine only if they were all padding.
+    """
+    if window is None:
+        return attention_mask
+    if attention_mask is not None and attention_mask.shape[1] > s_k:
+        dropped = attention_mask[:, : attention_mask.shape[1] - s_k]
+        if bool(dropped.any()):
+            _raise_window(name, window, int(attention_mask.sum(1).max()), s_k)
+        attention_mask = attention_mask[:, -s_k:]
+    if position_ids is not None and position_ids.numel():
+        seen = int(position_ids.max()) + 1
+    elif attention_mask is not None:
+        seen = int(attention_mask.sum(1).max())
+    else:
+        seen = s_k
+    if window < seen:
+        _raise_window(name, window, seen, s_k)
+    return attention_mask
+
+
+def _raise_window(name: str, window: int, seen: int, s_k: int) -> None:
+    raise ValueError(
+        f"moba: {name} has sliding_window={window} but the sequence has reached {seen} positions ({s_k} keys "
+        "in this call); MoBA attends the whole causal context, so it cannot honour a window shorter than it, "
+        "and transformers' sliding-window cache would already have dropped the oldest keys. Set "
+        "config.sliding_window=None (Qwen2: use_sliding_window=False) or a window >= the context length, or "
+        'keep these layers on dense attention: attn_implementation="sdpa" (which implements the window)'
+    )
 
 
 @dataclass
@@ -214,7 +270,7 @@ def _varlen_layout(
         if attention_mask.shape != (batch, s_k):
             raise ValueError(
                 f"moba: attention_mask shape {tuple(attention_mask.shape)} does not match keys [B={batch}, S_k={s_k}]; "
-                "static or sliding-window caches are not supported, use the default DynamicCache"
+                "static caches are not supported, use the default DynamicCache or a MoBACache"
             )
         mask_k = attention_mask.to(torch.bool)
         # Queries are the last S_q cache slots, so each sequence's real queries are the last len_q of its real keys.
@@ -311,6 +367,16 @@ class MoBAAttention:
 
     The MoBA settings come from ``module.config.moba_config`` when the model carries one, else from
     the ``default`` given here (``register_moba(config)``).
+
+    A sliding window (Mistral, Qwen2's ``use_sliding_window``, Gemma's local layers) is accepted only
+    while it covers every position seen so far, where sliding-window attention is full attention;
+    beyond that, a forward, a chunked prefill or a ``generate()`` step raises, because MoBA attends
+    the whole context and transformers' sliding-window cache layers have already dropped keys.
+
+    Under ``torch.compile`` the call is one custom op, ``moba_attn::hf_attention``
+    (:mod:`moba_attn.hf_op`), so ``fullgraph=True`` works; its backward recomputes the attention
+    forward, and a :class:`~moba_attn.MoBACache`'s running block means are not used (recomputed from
+    the keys, same result). Eager calls run the same code directly.
     """
 
     def __init__(self, default: MoBAConfig | None = None) -> None:
@@ -359,55 +425,118 @@ class MoBAAttention:
             )
         if kwargs.get("output_attentions", False):
             raise ValueError("moba: output_attentions=True needs attn_implementation='eager'")
-        batch, h_q, s_q, dim = query.shape
-        h_k, s_k = key.shape[1], key.shape[2]
-        if sliding_window is not None and sliding_window < s_k:
-            raise ValueError(
-                f"moba: {name} has sliding_window={sliding_window} < {s_k} keys; MoBA cannot honour a sliding "
-                "window. Set config.sliding_window=None (or a window at least the context length)"
-            )
+        h_q, dim, h_k = query.shape[1], query.shape[3], key.shape[1]
         if h_q % h_k:
             raise ValueError(f"moba: query heads {h_q} must be a multiple of key/value heads {h_k}")
         scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
-
-        lay = _varlen_layout(batch, s_q, s_k, attention_mask, {**kwargs, "_device": query.device})
-        q = query.transpose(1, 2).reshape(batch * s_q, h_q, dim)
-        k = key.transpose(1, 2).reshape(batch * s_k, h_k, dim)
-        v = value.transpose(1, 2).reshape(batch * s_k, h_k, dim)
-        if lay.idx_q is not None:
-            q, k, v = q[lay.idx_q], k[lay.idx_k], v[lay.idx_k]
-
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is not None:
+            name = f"{name} (layer {layer_idx})"
         cfg = self.config_for(module)
-        model_cfg = getattr(module, "config", None)
-        num_layers = getattr(model_cfg, "num_hidden_layers", None)
-        if cfg.is_full_layer(getattr(module, "layer_idx", None), num_layers):
-            out = _full_attention(q, k, v, lay, scale)
-        else:
-            from . import moba_attention  # the op; imported late so this module loads without it
+        full_layer = cfg.is_full_layer(
+            layer_idx, getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # transformers versions that pass cache_position instead
+            position_ids = kwargs.get("cache_position")
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if torch.compiler.is_compiling():
+            # One opaque op: the host-side planning below would break the graph (see moba_attn.hf_op).
+            out = hf_attention(
+                query, key, value, attention_mask, position_ids, cu_q, cu_k,
+                cfg.block_size, cfg.topk, cfg.sink_blocks, float(scale), full_layer, cfg.backend,
+                -1 if sliding_window is None else int(sliding_window), name,
+            )  # fmt: skip
+            return out, None
+        attention_mask = _check_sliding_window(
+            name, sliding_window, key.shape[2], attention_mask, position_ids
+        )
+        out = _attend(
+            query,
+            key,
+            value,
+            attention_mask,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_q,
+            cu_seq_lens_k=cu_k,
+            block_size=cfg.block_size,
+            topk=cfg.topk,
+            sink_blocks=cfg.sink_blocks,
+            scale=scale,
+            full_layer=full_layer,
+            backend=cfg.backend,
+            cache_keys=key,
+        )
+        return out, None
 
-            block_means = None
-            if hasattr(key, "_moba_cache_layer"):  # keys from a MoBACache: running block means, O(new) a step
-                from .hf_cache import cached_block_means
 
-                block_means = cached_block_means(key, k, lay.mask_k, lay.cu_k, cfg.block_size)
-            out = moba_attention(
-                q=q,
-                k=k,
-                v=v,
-                block_size=cfg.block_size,
-                topk=cfg.topk,
-                cu_seqlens=lay.cu_q,
-                cu_seqlens_k=None if lay.same_lengths else lay.cu_k,
-                scale=scale,
-                backend=cfg.backend,
-                block_means=block_means,
-                sink_blocks=cfg.sink_blocks,
-            )
-        if lay.idx_q is not None:
-            full = out.new_zeros(batch * s_q, h_q, dim)
-            full[lay.idx_q] = out
-            out = full
-        return out.reshape(batch, s_q, h_q, dim), None
+def _attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    *,
+    position_ids: Tensor | None,
+    cu_seq_lens_q: Tensor | None,
+    cu_seq_lens_k: Tensor | None,
+    block_size: int,
+    topk: int,
+    sink_blocks: int,
+    scale: float,
+    full_layer: bool,
+    backend: str,
+    cache_keys: Tensor | None = None,
+) -> Tensor:
+    """One attention call on ``[B, H, S, D]`` inputs: unpad, run MoBA (or full attention), re-pad.
+
+    Returns ``[B, S_q, Hq, D]`` with zeros at padded query rows. ``cache_keys`` is the key tensor
+    as a :class:`~moba_attn.MoBACache` layer returned it (its running block means); the compiled
+    path passes ``None`` and the means are recomputed from the keys.
+    """
+    batch, h_q, s_q, dim = query.shape
+    h_k, s_k = key.shape[1], key.shape[2]
+    layout_kwargs = {
+        "_device": query.device,
+        "position_ids": position_ids,
+        "cu_seq_lens_q": cu_seq_lens_q,
+        "cu_seq_lens_k": cu_seq_lens_k,
+    }
+    lay = _varlen_layout(batch, s_q, s_k, attention_mask, layout_kwargs)
+    q = query.transpose(1, 2).reshape(batch * s_q, h_q, dim)
+    k = key.transpose(1, 2).reshape(batch * s_k, h_k, dim)
+    v = value.transpose(1, 2).reshape(batch * s_k, h_k, dim)
+    if lay.idx_q is not None:
+        q, k, v = q[lay.idx_q], k[lay.idx_k], v[lay.idx_k]
+
+    if full_layer:
+        out = _full_attention(q, k, v, lay, scale)
+    else:
+        from . import moba_attention  # the op; imported late so this module loads without it
+
+        block_means = None
+        if cache_keys is not None and hasattr(cache_keys, "_moba_cache_layer"):
+            # keys from a MoBACache: running block means, O(new) a step
+            from .hf_cache import cached_block_means
+
+            block_means = cached_block_means(cache_keys, k, lay.mask_k, lay.cu_k, block_size)
+        out = moba_attention(
+            q=q,
+            k=k,
+            v=v,
+            block_size=block_size,
+            topk=topk,
+            cu_seqlens=lay.cu_q,
+            cu_seqlens_k=None if lay.same_lengths else lay.cu_k,
+            scale=scale,
+            backend=backend,
+            block_means=block_means,
+            sink_blocks=sink_blocks,
+        )
+    if lay.idx_q is not None:
+        full = out.new_zeros(batch * s_q, h_q, dim)
+        full[lay.idx_q] = out
+        out = full
+    return out.reshape(batch, s_q, h_q, dim)
 
 
 _REGISTERED: dict[str, MoBAAttention] = {}

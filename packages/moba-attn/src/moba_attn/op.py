@@ -76,6 +76,7 @@ def moba_attention(
     return_lse: bool = False,
     block_means: Tensor | KeyBlockMeans | None = None,
     sink_blocks: int = 0,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mixture of Block Attention (Lu et al. 2025, arXiv:2502.13189, Sec. 2.2).
 
@@ -105,6 +106,11 @@ def moba_attention(
             slots, so the key budget is unchanged). ``0`` (default) is the paper's MoBA. Pretrained
             models lean on their first tokens as an attention sink; switching one to MoBA without
             training, ``sink_blocks=1`` recovers most of the quality lost (see the README).
+        deterministic: make the triton backward bitwise reproducible run to run: gradients are summed in
+            a fixed order instead of with fp32 atomics (slower where many queries share a block; dQ
+            takes an extra ``[Tq * Hq * (topk - 1), D]`` fp32 buffer). The torch backend ignores it: it is
+            deterministic on CPU, and on CUDA under ``torch.use_deterministic_algorithms(True)`` (its
+            ``index_add_``). flash and flex ignore it too.
 
     Returns:
         ``o [Tq, Hq, D]`` in ``q``'s dtype; with ``return_lse`` also ``lse [Tq, Hq]`` fp32, the natural
@@ -129,7 +135,7 @@ def moba_attention(
     if name == "triton":
         from .triton_backend import moba_attention_triton
 
-        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means, sink_blocks)
+        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means, sink_blocks, deterministic)
     else:
         routing = route(q, k, layout, topk, block_means, sink_blocks)
         if name == "torch":
