@@ -34,6 +34,7 @@ import importlib.metadata
 import importlib.util
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -434,7 +435,7 @@ def _speed(
             {
                 "context": length,
                 "setting": c.name,
-                "prefill_s": times[len(times) // 2],
+                "prefill_s": statistics.median(times),
                 "prefill_runs": times,
                 "decode_tokens": new,
                 "decode_tok_per_s": new / dt,
