@@ -163,8 +163,14 @@ def run_speed(
     flex_max_t: int,
     log: Callable[[str], None],
     time_interleaved: Callable[..., dict[str, Any]],
+    over: Callable[[float], bool] = lambda cost: False,
 ) -> dict[str, Any]:
-    """Time every contender at every length; returns rows keyed by (mode, T, contender)."""
+    """Time every contender at every length; returns rows keyed by (mode, T, contender).
+
+    ``over(seconds)`` says whether work of that cost would pass the section's budget: before each
+    length the cost is extrapolated from the previous length (growth as ``T^1.5``, between MoBA's
+    ``T`` and SDPA's ``T^2``) and the remaining lengths are skipped, and listed, if it would not fit.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     h, d, dt = shape.heads, shape.head_dim, shape.dtype
     backends = available_moba_backends(device, dt)
@@ -175,7 +181,14 @@ def run_speed(
     log(
         f"MoBA backends here: {backends}; flex={'yes' if flex else 'no'}; flash-attn={'yes' if flash else 'no'}"
     )
+    skipped: list[int] = []
+    prev: tuple[int, float] | None = None
     for t in lengths:
+        if prev is not None and over(prev[1] * (t / prev[0]) ** 1.5):
+            skipped = [x for x in lengths if x >= t]
+            log(f"stopping before T={t}: the extrapolated cost would pass the section budget")
+            break
+        t_len = time.perf_counter()
         gen = torch.Generator(device=device).manual_seed(t)
         thd = [torch.randn(t, h, d, device=device, dtype=dt, generator=gen) for _ in range(3)]
         for mode in ("forward", "forward+backward", "decode"):
@@ -206,7 +219,8 @@ def run_speed(
                 )
             del contenders
         del thd
-    return {"backends": backends, "rows": rows}
+        prev = (t, time.perf_counter() - t_len)
+    return {"backends": backends, "rows": rows, "skipped_lengths": skipped}
 
 
 def _contenders(

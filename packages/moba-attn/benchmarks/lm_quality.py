@@ -154,14 +154,26 @@ def _loss(model: Any, b: torch.Tensor) -> torch.Tensor:
     )
 
 
-def run_quality(s: LMSettings, log: Callable[[str], None]) -> dict[str, Any]:
+def run_quality(
+    s: LMSettings, log: Callable[[str], None], over: Callable[[float], bool] = lambda cost: False
+) -> dict[str, Any]:
+    """Train and evaluate every variant for each paired seed; a seed that would pass the section's
+    budget (``over(cost of the last seed)``) is not started, and the seeds done are reported."""
     register_moba()
     train_data, val_data, corpus = load_corpus()
     log(f"corpus: {corpus}")
     windows = _batches(val_data, LMSettings(**{**s.__dict__, "batch": 1}), 7, s.eval_windows)[:, 0]
     results: list[dict[str, Any]] = []
     variants = ("full", "moba", "hybrid")
+    seeds_done: list[int] = []
+    last_seed_s = 0.0
     for seed in s.seeds:
+        if seeds_done and over(last_seed_s):
+            log(
+                f"stopping before seed {seed}: another seed ({last_seed_s:.0f}s) would pass the section budget"
+            )
+            break
+        t_seed = time.perf_counter()
         for variant in variants:
             model = _model(s, seed)
             _configure(model, variant, s)
@@ -188,7 +200,9 @@ def run_quality(s: LMSettings, log: Callable[[str], None]) -> dict[str, Any]:
                     }
                 )
             del model
-    return {"corpus": corpus, "rows": results, "params": _param_count(s)}
+        seeds_done.append(seed)
+        last_seed_s = time.perf_counter() - t_seed
+    return {"corpus": corpus, "rows": results, "params": _param_count(s), "seeds_done": seeds_done}
 
 
 def _param_count(s: LMSettings) -> int:

@@ -87,7 +87,7 @@ SINK = Setting("MoBA 512/top-3, sink 1", 512, 3, sink_blocks=1)
 
 @dataclass
 class PretrainedSettings:
-    """Windows per context and the settings evaluated; ``budget_s`` bounds the section.
+    """Windows per context and the settings evaluated (the section's time budget is in budget.json).
 
     Order of work, so that a section cut short by its budget still has its headline figures: the
     ``core`` settings at every context, then the speed part at the longest context, then ``extra``
@@ -104,13 +104,12 @@ class PretrainedSettings:
         Setting("MoBA 512/top-3, sink 1 + last 3 full", 512, 3, sink_blocks=1, full_last_layers=3),
     )
     hybrid_context: int = 4096
-    prefill_repeats: int = 1  # timed prefills into a KV cache per contender, after the quality pass's
+    prefill_repeats: int = 0  # extra timed prefills per speed contender, after the quality pass's own
     decode_tokens: int = 16
-    budget_s: float = 600.0
 
 
 def profile(name: str) -> PretrainedSettings:
-    if name == "smoke":  # seconds: every code path, tiny contexts
+    if name in ("quick", "smoke"):  # seconds: every code path, tiny contexts, the real model
         return PretrainedSettings(
             contexts={512: 1},
             core=(SDPA, Setting("MoBA 64/top-3", 64, 3), Setting("MoBA 64/top-3, sink 1", 64, 3, 1)),
@@ -118,7 +117,6 @@ def profile(name: str) -> PretrainedSettings:
             hybrid=(Setting("MoBA 64/top-3 + last 3 full", 64, 3, full_last_layers=3),),
             hybrid_context=512,
             decode_tokens=4,
-            budget_s=120.0,
         )
     if name == "full":
         return PretrainedSettings(
@@ -140,7 +138,6 @@ def profile(name: str) -> PretrainedSettings:
             hybrid_context=8192,
             prefill_repeats=2,
             decode_tokens=32,
-            budget_s=3600.0,
         )
     return PretrainedSettings()
 
@@ -272,13 +269,15 @@ def _set(model: Any, s: Setting) -> None:
 
 
 @torch.no_grad()
-def _nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, float]:
-    """Per-position next-token NLL of one window ``[L]`` and the wall time of the forward (prefill)."""
+def _nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, float, int]:
+    """Per-position next-token NLL of one window ``[L]``, the wall time of the forward (the prefill,
+    filling ``cache`` when one is given) and the greedy next token after the window."""
     x = window[None]
     t0 = time.perf_counter()
     out = model.model(input_ids=x, use_cache=cache is not None, past_key_values=cache)
     hidden = out.last_hidden_state[0, :-1]
     elapsed = time.perf_counter() - t0
+    next_token = int(model.lm_head(out.last_hidden_state[0, -1:]).argmax())
     # logits in chunks: [L, 49152] fp32 at once would be 1.6 GB at 8K
     nll = torch.cat(
         [
@@ -286,10 +285,25 @@ def _nll(model: Any, window: torch.Tensor, cache: Any = None) -> tuple[torch.Ten
             for h, y in zip(hidden.split(1024), window[1:].split(1024))
         ]
     )
-    return nll, elapsed
+    return nll, elapsed, next_token
 
 
-def run_pretrained(s: PretrainedSettings, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _new_cache(model: Any, st: Setting) -> Any:
+    from transformers import DynamicCache
+
+    from moba_attn.hf_cache import MoBACache
+
+    return DynamicCache(config=model.config) if st.block_size is None else MoBACache(config=model.config)
+
+
+def run_pretrained(
+    s: PretrainedSettings,
+    cache_dir: Path,
+    log: Callable[[str], None],
+    over: Callable[[float], bool] = lambda cost: False,
+) -> dict[str, Any]:
+    """Every setting at every context, then the speed part; work that would pass the section budget
+    (``over(estimated seconds)``) is skipped and listed in ``skipped``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.perf_counter()
@@ -306,20 +320,27 @@ def run_pretrained(s: PretrainedSettings, cache_dir: Path, log: Callable[[str], 
     sdpa_time: dict[int, float] = {}
     longest = max(s.contexts)
     contexts = sorted(s.contexts)
+    speed_names = {st.name for st in _speed_contenders(s)}
+    kept: dict[str, tuple[Any, int]] = {}  # speed contender -> (filled KV cache, greedy next token)
 
     def evaluate(plan: list[tuple[int, Setting]]) -> None:
         for length, st in plan:
-            elapsed = time.perf_counter() - t_start
             # a MoBA forward on this CPU costs about what SDPA's does; guard with 1.5x SDPA's time
             est = 1.5 * sdpa_time.get(length, 0.0) * windows[length].shape[0]
-            if elapsed + est > s.budget_s:
-                skipped.append(f"{st.name} at {length} ({elapsed:.0f}s used, ~{est:.0f}s more)")
-                log(f"pretrained: skip {st.name} at {length}: over the section budget of {s.budget_s:.0f}s")
+            if over(est):
+                skipped.append(f"{st.name} at {length} (~{est:.0f}s would pass the section budget)")
+                log(f"skip {st.name} at {length}: ~{est:.0f}s would pass the section budget")
                 continue
             _set(model, st)
             nll, times = [], []
-            for w in windows[length]:
-                n, t = _nll(model, w)
+            for i, w in enumerate(windows[length]):
+                # the speed contenders' first window at the longest context is the timed prefill: fill a
+                # KV cache there and keep it for generate()
+                speed = i == 0 and length == longest and st.name in speed_names
+                kv = _new_cache(model, st) if speed else None
+                n, t, nxt = _nll(model, w, cache=kv)
+                if speed:
+                    kept[st.name] = (kv, nxt)
                 nll.append(n)
                 times.append(t)
             nll_t = torch.stack(nll)  # [W, L - 1]
@@ -352,7 +373,7 @@ def run_pretrained(s: PretrainedSettings, cache_dir: Path, log: Callable[[str], 
 
     n_plan = len(contexts) * (len(s.core) + len(s.extra)) + len(s.hybrid)
     evaluate([(length, st) for length in contexts for st in s.core])
-    speed = _speed(model, tok, s, windows[longest][0], rows, skipped, t_start, log)
+    speed = _speed(model, tok, s, windows[longest][0], rows, kept, log)
     evaluate([(length, st) for length in contexts for st in s.extra])
     evaluate([(s.hybrid_context, st) for st in s.hybrid])
     for r in rows:
@@ -370,66 +391,54 @@ def run_pretrained(s: PretrainedSettings, cache_dir: Path, log: Callable[[str], 
     }
 
 
+def _speed_contenders(s: PretrainedSettings) -> list[Setting]:
+    """SDPA and the first core MoBA setting with sink blocks (the README's recommendation)."""
+    return [st for st in s.core if st.block_size is None or st.sink_blocks][:2]
+
+
 def _speed(
     model: Any,
     tok: Any,
     s: PretrainedSettings,
     window: torch.Tensor,
     rows: list[dict[str, Any]],
-    skipped: list[str],
-    t_start: float,
+    kept: dict[str, tuple[Any, int]],
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Prefill time and greedy ``generate()`` tokens/s at the longest context: SDPA vs MoBA with sinks.
 
-    Prefill samples: the quality pass's forward of the same window, plus ``prefill_repeats`` timed
-    prefills of all but the last token into a KV cache (``DynamicCache`` for SDPA, ``MoBACache`` for
-    MoBA), contenders interleaved. ``generate()`` then continues from the last cache: it feeds the last
-    window token and decodes ``decode_tokens`` more.
+    Prefill samples: the quality pass's forward of the window (which filled a ``DynamicCache`` for
+    SDPA, a ``MoBACache`` for MoBA), plus ``prefill_repeats`` more, contenders interleaved.
+    ``generate()`` then continues from the quality pass's cache: it feeds the greedy next token and
+    decodes ``decode_tokens - 1`` more, one forward step each (tokens/s counts those steps).
     """
-    from transformers import DynamicCache
-
-    from moba_attn.hf_cache import MoBACache
-
     length = window.numel()
-    contenders = [st for st in s.core if st.block_size is None or st.sink_blocks][:2]
+    contenders = [c for c in _speed_contenders(s) if c.name in kept]
     prefill = {
-        c.name: [
-            t for r in rows if r["context"] == length and r["setting"] == c.name for t in r["forward_runs"]
-        ]
+        c.name: [r["forward_runs"][0] for r in rows if r["context"] == length and r["setting"] == c.name]
         for c in contenders
     }
-    caches: dict[str, Any] = {}
     for _ in range(s.prefill_repeats):
         for c in contenders:
             _set(model, c)
-            kv = (
-                MoBACache(config=model.config)
-                if c.block_size is not None
-                else DynamicCache(config=model.config)
-            )
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                model.model(input_ids=window[None, :-1], use_cache=True, past_key_values=kv)
-                prefill[c.name].append(time.perf_counter() - t0)
-            caches[c.name] = kv
+            prefill[c.name].append(_nll(model, window)[1])
     out = []
     for c in contenders:
-        if c.name not in caches:
-            break
         _set(model, c)
+        kv, nxt = kept.pop(c.name)
+        ids = torch.cat([window, torch.tensor([nxt])])[None]
         with torch.no_grad():
             t0 = time.perf_counter()
             gen = model.generate(
-                window[None],
-                past_key_values=caches.pop(c.name),
-                max_new_tokens=s.decode_tokens,
-                min_new_tokens=s.decode_tokens,
+                ids,
+                past_key_values=kv,
+                max_new_tokens=s.decode_tokens - 1,
+                min_new_tokens=s.decode_tokens - 1,
                 do_sample=False,
-                attention_mask=torch.ones(1, length, dtype=torch.long),
+                attention_mask=torch.ones_like(ids),
             )
             dt = time.perf_counter() - t0
-        new = gen.shape[1] - length
+        new = gen.shape[1] - ids.shape[1]  # one forward step per new token
         times = sorted(prefill[c.name])
         out.append(
             {
@@ -442,7 +451,7 @@ def _speed(
                 "continuation": tok.decode(gen[0, length:]),
             }
         )
-        log(f"pretrained speed {c.name}: prefill {out[-1]['prefill_s']:.1f}s, decode {new / dt:.2f} tokens/s")
+        log(f"speed {c.name}: prefill {out[-1]['prefill_s']:.1f}s, decode {new / dt:.2f} tokens/s")
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,7 +59,12 @@ ZERO_SHOT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # 0.5 is predict's default zero_sho
 
 
 def zero_shot_gap(
-    model: ProML, episodes: list[Episode], support_size: int = 5, thresholds=ZERO_SHOT_THRESHOLDS
+    model: ProML,
+    episodes: list[Episode],
+    support_size: int = 5,
+    thresholds=ZERO_SHOT_THRESHOLDS,
+    over: Callable[[float], bool] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Micro F1 of ``ProMLNer.predict(texts, labels=types)`` (zero-shot: no support) against
     ``predict(texts, support=<support_size> sentences of the episode)`` on the same query sentences.
@@ -67,14 +73,22 @@ def zero_shot_gap(
     episodes whose support cannot cover every type with ``support_size`` sentences are skipped.
     Zero-shot is scored at each cosine threshold in ``thresholds``; ``zero_shot`` is the default (0.5)
     and ``zero_shot_best`` the best threshold chosen on these same test queries (an optimistic oracle).
+
+    ``over(next_cost_seconds)`` (a time budget, e.g. ``benchkit.SectionClock.over``) is asked before each
+    episode with the slowest episode's time so far; when it says yes the loop stops and ``stopped_after``
+    gives the episodes looked at (``episodes`` counts those scored). ``progress`` gets one line per episode.
     """
     ner = ProMLNer(model)
     zero = {t: EntityCounts() for t in thresholds}
-    few, used = EntityCounts(), 0
-    for ep in episodes:
+    few, used, seen, slowest = EntityCounts(), 0, 0, 0.0
+    for i, ep in enumerate(episodes):
+        if over is not None and seen and over(slowest):
+            break
+        seen += 1
         support = five_sentence_support(ep, support_size)
         if support is None:
             continue
+        t0 = time.perf_counter()
         texts = [" ".join(s.words) for s in ep.query]
         gold = [s.labels for s in ep.query]
         for t in thresholds:
@@ -86,6 +100,9 @@ def zero_shot_gap(
         _, f_tags = ner.predict(texts, support=index, return_tags=True)
         few += score(gold, f_tags)
         used += 1
+        slowest = max(slowest, time.perf_counter() - t0)
+        if progress is not None:
+            progress(f"zero-shot episode {i + 1}/{len(episodes)}: running support F1 {few.f1:.3f}")
 
     def prf(c: EntityCounts) -> dict:
         return {"f1": c.f1, "precision": c.precision, "recall": c.recall}
@@ -94,6 +111,7 @@ def zero_shot_gap(
     best_t = max(thresholds, key=lambda t: zero[t].f1)
     return {
         "episodes": used,
+        "stopped_after": seen if seen < len(episodes) else None,
         "support_sentences": support_size,
         "zero_shot": prf(default),
         "zero_shot_best": {**prf(zero[best_t]), "threshold": best_t},
