@@ -235,10 +235,12 @@ class Runner:
         self.result, self.budgets = result, budgets
         self.start = time.perf_counter()
         self.done: dict[str, float] = {}
+        self.skipped: set[str] = set()
         self.tty = sys.stdout.isatty()
 
     def plan(self, skipped: Iterable[str] = ()) -> None:
         skipped = set(skipped)
+        self.skipped = skipped
         total = sum(b for n, b in self.budgets.items() if n not in skipped)
         r = self.result
         print(

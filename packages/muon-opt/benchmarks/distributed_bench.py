@@ -19,15 +19,24 @@ Bytes are what one rank sends per step under the bandwidth-optimal cost model of
 ZeroRedundancyOptimizer's broadcasts are counted here by the same model). Step times are the optimizer step
 plus the gradient collective it needs, interleaved, median over repeats, measured on rank 0 between barriers.
 A 2-core CPU running 4 processes is heavily oversubscribed: read the times as ratios within one W.
+
+Given a deadline (the section's time budget), rank 0 times one warm-up round of every scheme and cuts the
+repeats to what fits (W = 2 takes up to 40% of what is left, W = 4 up to 90% of the rest), at least one.
+On Linux the workers are forked from a parent that has already imported torch, torch.distributed and
+muon_opt (a spawned worker spends seconds importing them again, four at once on two cores); elsewhere
+they are spawned. Either way each worker runs one thread, and the timed steps follow a warm-up round.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,10 +54,13 @@ except ImportError:  # run directly: tools/ is two levels up
 
 PROFILES = {
     # d_model, layers, vocab, repeats
+    "quick": dict(d=64, layers=2, vocab=256, repeats=2),
     "default": dict(d=128, layers=4, vocab=512, repeats=5),
-    "smoke": dict(d=64, layers=2, vocab=256, repeats=2),
     "full": dict(d=768, layers=12, vocab=50304, repeats=10),
 }
+PROFILES["smoke"] = PROFILES["quick"]  # the quick profile's former name
+# Fraction of the time left that each world size may take (W = 2 runs first, W = 4 on all 4 processes).
+SHARE = {2: 0.4, 4: 0.9}
 
 
 class _Block(nn.Module):
@@ -129,7 +141,7 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
     grads_seed = torch.Generator().manual_seed(1 + rank)
     grads = [torch.randn(p.shape, generator=grads_seed) * 1e-2 for p in fresh().parameters()]
     allreduce_bytes = collective_bytes("all_reduce", 4 * n_params, W)
-    extra_broadcast = {"bytes": 0}
+    extra_broadcast = {"bytes": 0.0}
 
     def ddp_allreduce(model: nn.Module) -> None:
         # one bucket, as DDP does (its default 25 MiB bucket holds every gradient of these models)
@@ -195,13 +207,28 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
         extra_broadcast["bytes"] += collective_bytes("broadcast", tensor.numel() * tensor.element_size(), W)
         return real_broadcast(tensor, *args, **kwargs)
 
+    steps: dict[str, Callable[[], None]] = {k: v["step"] for k, v in contenders.items()}
+    dist.barrier(pg)  # every rank has built its contenders (the first build imports, for seconds)
+    # the warm-up round (outside the byte count, which is per call), timed to size the repeats
+    t0 = time.perf_counter()
+    for fn in steps.values():
+        fn()
+        dist.barrier(pg)
+    round_s = time.perf_counter() - t0
+    left = (cfg.get("deadline", math.inf) - time.time()) * SHARE[W]
+    fit = cfg["repeats"] if math.isinf(left) else int(left / round_s)
+    decision = torch.tensor([max(1, min(cfg["repeats"], fit))])
+    dist.broadcast(decision, src=0, group=pg)  # every rank must make the same number of calls
+    repeats = int(decision)
+    if rank == 0:
+        benchkit.progress(
+            f"distributed W={W}: warm-up round {round_s:.1f} s, {repeats} of {cfg['repeats']} repeats"
+        )
+
     dist.broadcast = counting_broadcast  # type: ignore[assignment]
     try:
-        steps: dict[str, Callable[[], None]] = {k: v["step"] for k, v in contenders.items()}
-        timings = benchkit.time_interleaved(
-            steps, repeats=cfg["repeats"], warmup=1, sync=lambda: dist.barrier(pg)
-        )
-        calls = 1 + cfg["repeats"]
+        timings = benchkit.time_interleaved(steps, repeats=repeats, warmup=0, sync=lambda: dist.barrier(pg))
+        calls = repeats
         zero_name = "ZeRO-1 AdamW (torch ZeroRedundancyOptimizer)"
         zero_broadcast = extra_broadcast["bytes"] / calls
     finally:
@@ -231,11 +258,28 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
             state_max=max(states),
             state_single=single_muon_state,
             n_params=n_params,
+            repeats=repeats,
         )
         if hasattr(opt, "layout"):
             row["straddling"] = opt.layout.report()["straddling_matrices"]
         out.append(row)
     return out
+
+
+def _start_method() -> str:
+    """``fork`` on Linux, with what the workers import loaded first; ``spawn`` elsewhere (fork is unsafe on macOS)."""
+    if sys.platform != "linux" or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    for module in (
+        "torch.distributed.fsdp",
+        "torch.distributed.optim",
+        "torch.distributed.tensor",
+        "muon_opt.distributed",
+    ):
+        importlib.import_module(module)
+    # the first optimizer built in a process imports torch._dynamo (torch.optim's add_param_group)
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    return "fork"
 
 
 def _free_port() -> int:
@@ -244,8 +288,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(profile: str, outdir: Path) -> list[benchkit.Section]:
-    """The distributed section(s) for ``benchmarks/run.py``: ``profile`` is "default", "smoke" or "full"."""
+def run(profile: str, outdir: Path, clock: benchkit.SectionClock | None = None) -> list[benchkit.Section]:
+    """The distributed section(s) for ``benchmarks/run.py``: ``profile`` is "quick", "default" or "full".
+
+    With ``clock`` (the running section's), the workers cut their repeats to the section's budget.
+    """
     registered = sys.modules.get("distributed_bench")
     if registered is None or getattr(registered, "run", None) is not run:
         # loaded by file path without registering (run.py does this): spawned workers are pickled by module
@@ -254,12 +301,17 @@ def run(profile: str, outdir: Path) -> list[benchkit.Section]:
         import distributed_bench
 
         if distributed_bench.run is not run:
-            return distributed_bench.run(profile, outdir)
-    cfg = PROFILES.get(profile, PROFILES["default"])
-    benchkit.progress(f"distributed Muon: spawning 4 gloo processes ({cfg})")
+            return distributed_bench.run(profile, outdir, clock)
+    cfg = dict(PROFILES.get(profile, PROFILES["default"]))
+    log = clock.progress if clock is not None else benchkit.progress
+    log(f"distributed Muon: spawning 4 gloo processes ({cfg})")
+    if clock is not None:
+        cfg["deadline"] = time.time() + clock.remaining()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "rows.json"
-        mp.spawn(_worker, args=(4, _free_port(), cfg, str(path)), nprocs=4, join=True)
+        mp.start_processes(
+            _worker, args=(4, _free_port(), cfg, str(path)), nprocs=4, join=True, start_method=_start_method()
+        )
         rows = json.loads(path.read_text())
     flat = "ZeRO-1 AdamW (flat, reduce-scatter + all-gather)"
     torch_zero = "ZeRO-1 AdamW (torch ZeroRedundancyOptimizer)"
@@ -282,6 +334,11 @@ def run(profile: str, outdir: Path) -> list[benchkit.Section]:
             ]
         )
     for W in (2, 4):
+        done = next(x["repeats"] for x in rows if x["W"] == W)
+        if done < cfg["repeats"]:
+            notes.append(
+                f"W={W}: {done} interleaved repeats instead of {cfg['repeats']}, to stay within the time budget."
+            )
         z = next(x for x in rows if x["W"] == W and x["scheme"].startswith("ZeroMuon (min"))
         base = next(x for x in rows if x["W"] == W and x["scheme"] == flat)
         notes.append(

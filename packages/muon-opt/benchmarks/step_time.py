@@ -1,7 +1,9 @@
 """Optimizer step time, Newton-Schulz time vs shape, and optimizer-state bytes per parameter.
 
 Every comparison runs its contenders interleaved (``benchkit.time_interleaved``) on identical parameters
-and gradients, and reports medians, inter-quartile spread and ratios to ``muon_opt.Muon``.
+and gradients, and reports medians, inter-quartile spread and ratios to ``muon_opt.Muon``. Each takes a
+share of its section's time budget: one warm-up round measures what a round costs, and the repeats are
+cut to what fits (the section's notes say so when they are).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +121,52 @@ def _peak_step_mib(step: Callable[[], None], device: torch.device) -> float | st
     return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
 
+def time_within(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    seconds: float,
+    sync: Callable[[], None] | None = None,
+) -> tuple[dict[str, benchkit.Timing], int, float]:
+    """What ``benchkit.time_interleaved(contenders, repeats, warmup=1)`` measures, stopped at ``seconds``.
+
+    One untimed warm-up round (first calls, lazy initialisation), then timed interleaved rounds while the
+    next one, estimated by the median round so far, fits in ``seconds`` (counted from the start, warm-up
+    included); at least one timed round. Medians and quartiles as in ``benchkit``. Returns the timings,
+    the rounds timed and the median round's seconds.
+    """
+    sync = sync or (lambda: None)
+    start = time.perf_counter()
+    for fn in contenders.values():
+        fn()
+        sync()
+    runs: dict[str, list[float]] = {name: [] for name in contenders}
+    rounds: list[float] = []
+    while len(rounds) < repeats:
+        for name, fn in contenders.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            runs[name].append(time.perf_counter() - t0)
+        rounds.append(sum(xs[-1] for xs in runs.values()))
+        if time.perf_counter() - start + statistics.median(rounds) > seconds:
+            break
+    return {name: _timing(xs) for name, xs in runs.items()}, len(rounds), statistics.median(rounds)
+
+
+def _timing(xs: list[float]) -> benchkit.Timing:
+    """``benchkit``'s summary of repeated runs: median and quartiles (the extremes below 4 runs)."""
+    xs = sorted(xs)
+    q25, q75 = (statistics.quantiles(xs, n=4)[::2]) if len(xs) >= 4 else (xs[0], xs[-1])
+    return benchkit.Timing(median=statistics.median(xs), q25=q25, q75=q75, runs=xs)
+
+
+def _cut_note(n: int, wanted: int, what: str) -> list[str]:
+    if n >= wanted:
+        return []
+    return [f"{what}: {n} interleaved repeats instead of {wanted}, to stay within the section's time budget."]
+
+
 def _rows(timings: dict[str, benchkit.Timing], base: str) -> list[list]:
     return [
         [name, round(1e3 * t.median, 2), f"{100 * t.spread:.0f}%", round(t.median / timings[base].median, 2)]
@@ -138,11 +187,15 @@ BIG_CONTENDERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]
 }
 
 
-def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benchkit.Section], dict]:
+def step_time_sections(
+    s: StepSettings, device: torch.device, clock: benchkit.SectionClock
+) -> tuple[list[benchkit.Section], dict]:
+    """Three comparisons; they take about 60%, 60% and 90% of what is left of the section's budget in turn."""
     sync, extra = _sync(device), {}
     sections = []
 
     # 1. GPT-2-small-like parameter set: the whole optimizer step.
+    clock.progress("building the optimizers (the first one built imports torch._dynamo: seconds)")
     matrices, others = gpt_params(s, device)
     every = matrices + others
     ours = muon_opt.Muon(
@@ -161,8 +214,8 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
         torch_muon.step()
         torch_muon_adamw.step()
 
-    benchkit.progress(f"step time: GPT-2-like set, d={s.d_model}, {s.layers} layers")
-    t = benchkit.time_interleaved(
+    clock.progress(f"step time: GPT-2-like set, d={s.d_model}, {s.layers} layers")
+    t, n, _ = time_within(
         {
             "muon_opt.Muon": ours.step,
             "torch.optim.Muon + AdamW": torch_pair,
@@ -170,6 +223,7 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
             "muon_opt.Muon reference loop (foreach=False)": ref.step,
         },
         repeats=s.repeats,
+        seconds=0.6 * clock.remaining(),
         sync=sync,
     )
     n_params = sum(p.numel() for p in every)
@@ -201,16 +255,19 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
             rows=rows,
             notes=[
                 "torch.optim.Muon runs Newton-Schulz in bf16 whatever the parameter dtype; muon_opt's "
-                "ns_dtype='auto' uses fp32 on CPU. On a CPU with AVX512-BF16 the bf16 matmuls are fast."
+                "ns_dtype='auto' uses fp32 on CPU. On a CPU with AVX512-BF16 the bf16 matmuls are fast.",
+                *_cut_note(n, s.repeats, "GPT-2-like set"),
             ],
         )
     )
 
     # 2. A few 256x1024 fp32 matrices: muon_opt (fp32 and bf16 Newton-Schulz) vs torch.optim.Muon.
     big = _matrix_params(s.big_shape, s.big_count, device)
-    benchkit.progress(f"step time: {s.big_count} x {s.big_shape} fp32")
+    clock.progress(f"step time: {s.big_count} x {s.big_shape} fp32")
     opts = {name: make(big) for name, make in BIG_CONTENDERS.items()}
-    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.repeats, sync=sync)
+    t, n, _ = time_within(
+        {k: o.step for k, o in opts.items()}, repeats=s.repeats, seconds=0.6 * clock.remaining(), sync=sync
+    )
     errs = {name: _update_error(make, big[:1]) for name, make in BIG_CONTENDERS.items()}
     rows = [[*r, f"{errs[r[0]]:.1e}"] for r in _rows(t, "muon_opt.Muon (fp32 NS)")]
     extra["big_step"] = {k: v.median for k, v in t.items()}
@@ -223,6 +280,7 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
             ),
             columns=["contender", "median ms", "IQR", "ratio vs ours", "update rel. error vs fp64"],
             rows=rows,
+            notes=_cut_note(n, s.repeats, "fp32 matrices"),
         )
     )
 
@@ -235,8 +293,10 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
             small, lr=1e-3, adjust_lr_fn="match_rms_adamw"
         ),
     }
-    benchkit.progress(f"step time: {s.small_count} x {s.small_shape}")
-    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.repeats, sync=sync)
+    clock.progress(f"step time: {s.small_count} x {s.small_shape}")
+    t, n, _ = time_within(
+        {k: o.step for k, o in opts.items()}, repeats=s.repeats, seconds=0.9 * clock.remaining(), sync=sync
+    )
     extra["small_step"] = {k: v.median for k, v in t.items()}
     sections.append(
         benchkit.Section(
@@ -248,28 +308,61 @@ def step_time_sections(s: StepSettings, device: torch.device) -> tuple[list[benc
             ),
             columns=["contender", "median ms", "IQR", "ratio vs ours"],
             rows=_rows(t, "muon_opt.Muon (batched)"),
+            notes=_cut_note(n, s.repeats, "small matrices"),
         )
     )
     return sections, extra
 
 
-def ns_time_section(s: StepSettings, device: torch.device, outdir: Path, prefix: str) -> benchkit.Section:
-    """Newton-Schulz (5 steps) time vs matrix shape: batched fast path in fp32 and bf16 vs the reference."""
+def _ns_flops(shape: tuple[int, int]) -> float:
+    """Multiply-adds x 2 of one quintic Newton-Schulz step on an ``m x n`` matrix (m <= n after transposing)."""
+    m, n = sorted(shape)
+    return 4 * m * m * n + 2 * m**3
+
+
+def ns_time_section(
+    s: StepSettings, device: torch.device, outdir: Path, prefix: str, clock: benchkit.SectionClock
+) -> benchkit.Section:
+    """Newton-Schulz (5 steps) time vs matrix shape: batched fast path in fp32 and bf16 vs the reference.
+
+    Shapes run smallest first; a shape whose cost (the last shape's round time scaled by FLOPs, warm-up
+    plus one repeat) would pass the section's budget is skipped with the rest, and the notes say so.
+    """
     sync = _sync(device)
     rows, series = [], {"batched fp32": [], "batched bf16": [], "reference loop fp32": []}
-    for shape in s.ns_shapes:
+    shapes = sorted(s.ns_shapes, key=_ns_flops)
+    wanted, notes, done, last = max(3, s.repeats - 2), [], [], None
+    for i, shape in enumerate(shapes):
+        if last is not None:
+            # a warm-up round and one timed round, scaled by FLOPs from the last shape's timed round
+            est = 2 * last[1] * _ns_flops(shape) / _ns_flops(last[0])
+            if clock.over(next_cost=est):
+                clock.stop(
+                    f"NS5 on {shape} (~{est:.0f} s) would pass the budget; {len(done)} of {len(shapes)} shapes done"
+                )
+                notes.append(
+                    f"Stopped at the section's budget: shapes {', '.join(f'{a}x{b}' for a, b in shapes[i:])} not run."
+                )
+                break
         G = torch.randn((s.ns_batch, *shape), generator=torch.Generator().manual_seed(2)).to(device)
         Gb = G.bfloat16()
-        benchkit.progress(f"NS5 time: {s.ns_batch} x {shape}")
-        t = benchkit.time_interleaved(
+        clock.progress(f"NS5 time: {s.ns_batch} x {shape}")
+        t, n, round_s = time_within(
             {
                 "batched fp32": lambda G=G: muon_opt.newton_schulz(G),
                 "batched bf16": lambda Gb=Gb: muon_opt.newton_schulz(Gb),
                 "reference loop fp32": lambda G=G: muon_opt.newton_schulz_reference(G),
             },
-            repeats=max(3, s.repeats - 2),
+            repeats=wanted,
+            # this shape's FLOP share of what is left, but at least a quarter of an equal share: small
+            # shapes cost Python overhead more than FLOPs
+            seconds=clock.remaining()
+            * max(_ns_flops(shape) / sum(map(_ns_flops, shapes[i:])), 0.25 / (len(shapes) - i)),
             sync=sync,
         )
+        notes += _cut_note(n, wanted, f"{shape[0]}x{shape[1]}")
+        done.append(shape)
+        last = (shape, round_s)
         for name, timing in t.items():
             series[name].append(1e3 * timing.median / s.ns_batch)
         rows.append(
@@ -285,7 +378,7 @@ def ns_time_section(s: StepSettings, device: torch.device, outdir: Path, prefix:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        x = [a * b for a, b in s.ns_shapes]
+        x = [a * b for a, b in done]
         for name, ys in series.items():
             ax.plot(x, ys, marker="o", label=name)
         ax.set_xscale("log")
@@ -313,6 +406,7 @@ def ns_time_section(s: StepSettings, device: torch.device, outdir: Path, prefix:
         ],
         rows=rows,
         plots=plots,
+        notes=notes,
     )
 
 
@@ -326,32 +420,40 @@ def _gemm_gflops(dtype: torch.dtype, n: int = 512, reps: int = 3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _no_bf16_child(s: StepSettings) -> dict:
-    """Runs inside the ISA-capped child: fp32 parameters, ours vs torch.optim.Muon vs the reference loop."""
+def _no_bf16_child(s: StepSettings, deadline: float) -> dict:
+    """Runs inside the ISA-capped child: fp32 parameters, ours vs torch.optim.Muon vs the reference loop.
+
+    ``deadline`` is a ``time.time()`` by which the child should be done (the section's budget).
+    """
     big = _matrix_params(s.big_shape, s.big_count, torch.device("cpu"))
     # ns_dtype=bf16 is left out: without bf16 hardware it is as slow as torch's bf16 step and not a choice
     opts = {n: make(big) for n, make in BIG_CONTENDERS.items() if n != "muon_opt.Muon (ns_dtype=bf16)"}
-    t = benchkit.time_interleaved({n: o.step for n, o in opts.items()}, repeats=s.no_bf16_repeats)
+    # about 1 s on the slowest CPU seen (bf16 GEMM at 2 GFLOP/s) is kept for the GEMM throughputs below
+    t, n, _ = time_within(
+        {k: o.step for k, o in opts.items()}, repeats=s.no_bf16_repeats, seconds=deadline - time.time() - 1.0
+    )
     return {
-        "timings": {n: {"median": v.median, "q25": v.q25, "q75": v.q75} for n, v in t.items()},
+        "timings": {k: {"median": v.median, "q25": v.q25, "q75": v.q75} for k, v in t.items()},
+        "repeats": n,
         "gflops": {"fp32": _gemm_gflops(torch.float32), "bf16": _gemm_gflops(torch.bfloat16)},
     }
 
 
-def no_bf16_section(s: StepSettings) -> tuple[benchkit.Section, dict]:
+def no_bf16_section(s: StepSettings, clock: benchkit.SectionClock) -> tuple[benchkit.Section, dict]:
     """The done-when comparison on a CPU without bf16 arithmetic, emulated by capping oneDNN's ISA.
 
     ``torch.optim.Muon`` always runs Newton-Schulz in bf16. Where the CPU has AVX512-BF16 or AMX (this
     benchmark's own machine, for example) that is fast; where it has not, oneDNN falls back to a slow
     reference bf16 GEMM and a step takes seconds to minutes. ``ONEDNN_MAX_CPU_ISA`` must be set before
     torch loads, so the measurement runs in a child process; the GEMM throughputs it reports show which
-    arithmetic that process had.
+    arithmetic that process had. The child gets the section's deadline and cuts its repeats to fit (one
+    warm-up round and one timed round at least: torch's step there is seconds, and cannot be cut).
     """
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": s.no_bf16_isa}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--no-bf16-child", json.dumps(asdict(s))]
-    benchkit.progress(
-        f"step time without bf16 arithmetic (ONEDNN_MAX_CPU_ISA={s.no_bf16_isa}, child process)"
-    )
+    deadline = time.time() + clock.remaining() - 0.5  # the parent's own GEMM throughputs below
+    args = json.dumps({"settings": asdict(s), "deadline": deadline})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--no-bf16-child", args]
+    clock.progress(f"step time without bf16 arithmetic (ONEDNN_MAX_CPU_ISA={s.no_bf16_isa}, child process)")
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     child = json.loads(out.strip().splitlines()[-1])
     native = {"fp32": _gemm_gflops(torch.float32), "bf16": _gemm_gflops(torch.bfloat16)}
@@ -373,7 +475,8 @@ def no_bf16_section(s: StepSettings) -> tuple[benchkit.Section, dict]:
         notes=[
             f"torch.optim.Muon takes {torch_ratio:.0f}x our fp32 step here (done-when: at least 20x). On this "
             "machine's native ISA, with bf16 GEMMs in hardware, it is faster than our fp32 step (previous "
-            "sections); muon_opt.Muon(ns_dtype='bf16') opts into the same trade."
+            "sections); muon_opt.Muon(ns_dtype='bf16') opts into the same trade.",
+            *_cut_note(child["repeats"], s.no_bf16_repeats, "child process"),
         ],
     )
     return section, {"child": child, "native_gflops": native, "torch_over_ours": torch_ratio}
@@ -381,9 +484,9 @@ def no_bf16_section(s: StepSettings) -> tuple[benchkit.Section, dict]:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--no-bf16-child":
-        fields = json.loads(sys.argv[2])
+        given = json.loads(sys.argv[2])
         fields = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-                  for k, v in fields.items()}  # fmt: skip
-        print(json.dumps(_no_bf16_child(StepSettings(**fields))))
+                  for k, v in given["settings"].items()}  # fmt: skip
+        print(json.dumps(_no_bf16_child(StepSettings(**fields), given["deadline"])))
     else:
         raise SystemExit("step_time.py is a module of benchmarks/run.py; run that instead")

@@ -7,6 +7,13 @@ Both optimizers see the same batches (same seed), the same model initialisation 
 and "steps AdamW needs to reach Muon's final loss" can be read off one AdamW run), weight decay 0.1.
 Muon follows Moonlight (arXiv 2502.16982): AdamW's lr and wd reused, embeddings/head/norms/biases on
 AdamW via ``muon_opt.param_groups``.
+
+Two budgeted parts (``benchmarks/budget.json``): a learning-rate sweep (one seed, short runs, each
+optimizer over its own grid, widened along :data:`LR_LADDER` when its best lands on an edge), then
+several seeds at each optimizer's best lr, advanced round-robin so that a run stopped at the budget
+leaves every seed at about the same step. Seed 0 continues its sweep run instead of repeating it: the
+lr is constant after warm-up and each run draws its batches from its own generator, so that is the
+run a fresh start would give.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import math
 import statistics
 import sys
 import sysconfig
+import time
 import zlib
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import benchkit
@@ -24,6 +33,16 @@ import torch
 from torch import Tensor, nn
 
 import muon_opt
+
+OPTIMIZERS = ("adamw", "muon")
+# Half-decade steps: where the sweep looks next when an optimizer's best lr is at the edge of its grid.
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def _default_lrs() -> dict[str, tuple[float, ...]]:
+    # Around each one's best on this model (quiet-run README: AdamW 1e-3, Muon 1e-2 after 100 steps),
+    # one half-decade either side; Muon also at AdamW's best, for the lr-transfer read-out.
+    return {"adamw": (3e-4, 1e-3, 3e-3), "muon": (1e-3, 3e-3, 1e-2, 3e-2)}
 
 
 @dataclass
@@ -33,11 +52,13 @@ class TrainSettings:
     heads: int = 4
     context: int = 128
     batch: int = 16
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # wide enough that neither best is at an edge
-    sweep_steps: int = 100
-    muon_steps: int = 200
-    adamw_steps: int = 400  # AdamW runs longer so the steps it needs to match Muon can be read off
-    seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=_default_lrs)
+    lr_extend: int = 2  # at most this many ladder values added per optimizer when its best is at an edge
+    sweep_steps: int = 75
+    sweep_seed: int = 0
+    muon_steps: int = 150
+    adamw_steps: int = 300  # AdamW runs longer so the steps it needs to match Muon can be read off
+    seeds: tuple[int, ...] = (0, 1)
     weight_decay: float = 0.1
     eval_every: int = 25
     eval_batches: int = 8
@@ -129,30 +150,52 @@ def _eval_bpb(model: nn.Module, corpus: Corpus, s: TrainSettings, device: torch.
     return total / s.eval_batches / math.log(2)
 
 
+class Run:
+    """One training run that can be extended: ``advance(n)`` then ``advance(m)`` is the run ``advance(m)`` gives.
+
+    That holds because the lr is constant after warm-up, the batches come from the run's own generator and
+    evaluation neither draws from it nor changes the model. ``curve`` is ``[(step, validation bits per
+    byte)]`` every ``eval_every`` steps and wherever ``advance`` stops; ``seconds`` is the time spent so far.
+    """
+
+    def __init__(
+        self, opt_name: str, lr: float, seed: int, corpus: Corpus, s: TrainSettings, device: torch.device
+    ) -> None:
+        self.name, self.lr, self.seed = opt_name, lr, seed
+        self.corpus, self.s, self.device = corpus, s, device
+        torch.manual_seed(seed)
+        self.model = GPT(s).to(device)
+        if opt_name == "muon":
+            self.opt = muon_opt.Muon(muon_opt.param_groups(self.model), lr=lr, weight_decay=s.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(
+                self.model.parameters(), lr=lr, weight_decay=s.weight_decay, betas=(0.9, 0.95), foreach=True
+            )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / s.warmup))
+        self.gen = torch.Generator().manual_seed(10_000 + seed)
+        self.step, self.seconds = 0, 0.0
+        self.curve: list[tuple[int, float]] = []
+
+    def advance(self, to_step: int) -> list[tuple[int, float]]:
+        t0, s, data = time.perf_counter(), self.s, self.corpus.train
+        while self.step < to_step:
+            self.step += 1
+            starts = torch.randint(0, len(data) - s.context - 1, (s.batch,), generator=self.gen)
+            loss = _loss(self.model, *_windows(data, starts, s.context, self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            if self.step % s.eval_every == 0 or self.step == to_step:
+                self.curve.append((self.step, _eval_bpb(self.model, self.corpus, s, self.device)))
+        self.seconds += time.perf_counter() - t0
+        return self.curve
+
+
 def train(opt_name: str, lr: float, steps: int, seed: int, corpus: Corpus, s: TrainSettings,
           device: torch.device) -> list[tuple[int, float]]:  # fmt: skip
     """One run; returns ``[(step, validation bits per byte)]`` every ``eval_every`` steps and at the end."""
-    torch.manual_seed(seed)
-    model = GPT(s).to(device)
-    if opt_name == "muon":
-        opt = muon_opt.Muon(muon_opt.param_groups(model), lr=lr, weight_decay=s.weight_decay)
-    else:
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=lr, weight_decay=s.weight_decay, betas=(0.9, 0.95), foreach=True
-        )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup))
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    curve = []
-    for step in range(1, steps + 1):
-        starts = torch.randint(0, len(corpus.train) - s.context - 1, (s.batch,), generator=gen)
-        loss = _loss(model, *_windows(corpus.train, starts, s.context, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % s.eval_every == 0 or step == steps:
-            curve.append((step, _eval_bpb(model, corpus, s, device)))
-    return curve
+    return Run(opt_name, lr, seed, corpus, s, device).advance(steps)
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -170,55 +213,238 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 def ratio_by_muon_step(
     muon: list[list[tuple[int, float]]], adamw: list[list[tuple[int, float]]]
 ) -> dict[int, list[float | None]]:
-    """For every evaluated Muon step k, per seed: steps AdamW needs to reach Muon's step-k loss, over k.
+    """For every Muon step k that every seed evaluated, per seed: steps AdamW needs to reach Muon's step-k loss, over k.
 
-    None where AdamW's run never gets there. Seeds pair Muon and AdamW runs with the same data order.
+    None where AdamW's run never gets there. Seeds pair Muon and AdamW runs with the same data order; a
+    step some seed's Muon run did not reach (stopped at the budget) is left out.
     """
     out: dict[int, list[float | None]] = {}
     for m_curve, a_curve in zip(muon, adamw, strict=True):
         for step, value in m_curve:
             need = steps_to_reach(a_curve, value)
             out.setdefault(step, []).append(need / step if need is not None else None)
+    return {step: xs for step, xs in out.items() if len(xs) == len(muon)}
+
+
+def ladder_neighbour(lr: float, up: bool) -> float | None:
+    """The next :data:`LR_LADDER` value above (``up``) or below ``lr``; None past the ladder's end."""
+    i = min(range(len(LR_LADDER)), key=lambda j: abs(math.log(LR_LADDER[j] / lr)))
+    j = i + (1 if up else -1)
+    return LR_LADDER[j] if 0 <= j < len(LR_LADDER) else None
+
+
+def best_lr(bpb: dict[float, float]) -> float:
+    """The lr with the lowest loss; a diverged run (NaN) counts as worst."""
+    return min(bpb, key=lambda lr: math.inf if math.isnan(bpb[lr]) else bpb[lr])
+
+
+def _value_at(curve: list[tuple[int, float]], step: int) -> float | None:
+    return next((v for s_, v in curve if s_ == step), None)
+
+
+@dataclass
+class Sweep:
+    bpb: dict[str, dict[float, float]]  # optimizer -> lr -> validation bpb after sweep_steps
+    best: dict[str, float]
+    runs: dict[tuple[str, float], Run]  # the best runs, kept for seed ``sweep_seed`` to continue
+    sec_per_step: dict[str, float]  # measured, evaluation included
+    added: dict[str, list[float]]  # lrs added because a best was at an edge
+    stopped: str = ""
+
+
+def seconds_per_step(runs: list[Run]) -> dict[str, float]:
+    """Optimizer -> measured seconds per training step (evaluation included) over ``runs``."""
+    out = {}
+    for name in OPTIMIZERS:
+        mine = [r for r in runs if r.name == name and r.step]
+        if mine:
+            out[name] = sum(r.seconds for r in mine) / sum(r.step for r in mine)
     return out
 
 
-def _at(curve: list[tuple[int, float]], step: int) -> float:
-    return next(v for s_, v in curve if s_ == step)
+def lr_sweep(s: TrainSettings, corpus: Corpus, device: torch.device, clock: benchkit.SectionClock) -> Sweep:
+    """One seed, ``sweep_steps`` each, every lr of each optimizer's grid; then widen a grid whose best is at an edge.
+
+    Stops before a run whose cost (measured per-step time x steps) would pass the section's budget, except
+    each optimizer's first run: without one there is nothing to compare.
+    """
+    bpb: dict[str, dict[float, float]] = {name: {} for name in OPTIMIZERS}
+    runs: dict[tuple[str, float], Run] = {}
+    added: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+    # alternate between the optimizers, so that a sweep stopped at the budget has runs of both
+    columns = zip_longest(*([(name, lr) for lr in s.lrs[name]] for name in OPTIMIZERS))
+    grid = [run for column in columns for run in column if run is not None]
+
+    def one(name: str, lr: float) -> bool:
+        rates = seconds_per_step(list(runs.values()))
+        est = s.sweep_steps * rates.get(name, max(rates.values(), default=0.0))
+        done = sum(map(len, bpb.values()))
+        if bpb[name] and clock.over(next_cost=est):
+            clock.stop(f"sweep run {name} lr={lr:g} (~{est:.0f} s) would pass the budget; {done} runs done")
+            return False
+        run = Run(name, lr, s.sweep_seed, corpus, s, device)
+        bpb[name][lr] = run.advance(s.sweep_steps)[-1][1]
+        runs[(name, lr)] = run
+        clock.progress(
+            f"sweep {done + 1}: {name} lr={lr:g}: {bpb[name][lr]:.3f} bpb after {s.sweep_steps} steps "
+            f"({run.seconds:.0f} s)"
+        )
+        return True
+
+    going = all(one(name, lr) for name, lr in grid)
+    for name in OPTIMIZERS:
+        for _ in range(s.lr_extend if going else 0):
+            lrs, best = sorted(bpb[name]), best_lr(bpb[name])
+            if len(lrs) < 2 or best not in (lrs[0], lrs[-1]):
+                break
+            new = ladder_neighbour(best, up=best == lrs[-1])
+            if new is None or new in bpb[name]:
+                break
+            clock.progress(f"sweep: {name}'s best lr {best:g} is at its grid's edge; adding {new:g}")
+            going = one(name, new)
+            if not going:
+                break
+            added[name].append(new)
+    rates = seconds_per_step(list(runs.values()))
+    best = {name: best_lr(bpb[name]) for name in OPTIMIZERS}
+    keep = {(name, best[name]): runs[(name, best[name])] for name in OPTIMIZERS}
+    return Sweep(bpb, best, keep, rates, added, clock.stopped_early)
 
 
-def run(
-    s: TrainSettings, device: torch.device, outdir: Path, prefix: str
-) -> tuple[list[benchkit.Section], dict]:
-    corpus = load_corpus()
-    benchkit.progress(
-        f"corpus: {corpus.files} files, train {len(corpus.train):,} B, val {len(corpus.val):,} B"
+def seed_runs(
+    s: TrainSettings,
+    sweep: Sweep,
+    corpus: Corpus,
+    device: torch.device,
+    clock: benchkit.SectionClock,
+) -> dict[str, list[Run]]:
+    """Every seed at each optimizer's best lr: Muon to ``muon_steps``, AdamW to ``adamw_steps``, round-robin.
+
+    Each round moves every Muon run ``eval_every`` steps and every AdamW run ``adamw_steps / muon_steps``
+    times that, so that stopping at the budget (before a chunk whose measured cost would pass it) leaves
+    all seeds at about the same point of their runs.
+    """
+    runs: dict[str, list[Run]] = {name: [] for name in OPTIMIZERS}
+    for seed in s.seeds:
+        for name in OPTIMIZERS:
+            reuse = sweep.runs.get((name, sweep.best[name])) if seed == s.sweep_seed else None
+            runs[name].append(reuse or Run(name, sweep.best[name], seed, corpus, s, device))
+    target = {"muon": s.muon_steps, "adamw": s.adamw_steps}
+    chunk = {"muon": s.eval_every, "adamw": s.eval_every * max(1, round(s.adamw_steps / s.muon_steps))}
+    order = [r for pair in zip(runs["muon"], runs["adamw"], strict=True) for r in pair]
+    rounds = 0
+    while any(r.step < target[r.name] for r in order):
+        rounds += 1
+        for r in order:
+            if r.step >= target[r.name]:
+                continue
+            to = min(target[r.name], r.step + chunk[r.name])
+            rate = seconds_per_step(order).get(r.name, sweep.sec_per_step.get(r.name, 0.0))
+            est = (to - r.step) * rate
+            if clock.over(next_cost=est):
+                where = ", ".join(f"{q.name} seed {q.seed} at {q.step}" for q in order)
+                clock.stop(
+                    f"{r.name} seed {r.seed} steps {r.step}-{to} (~{est:.0f} s) would pass the budget ({where})"
+                )
+                return runs
+            r.advance(to)
+        clock.progress(
+            f"seeds, round {rounds}: "
+            + "; ".join(
+                f"{name} step {min(r.step for r in runs[name])}/{target[name]} "
+                f"({', '.join(f'{r.curve[-1][1]:.3f}' for r in runs[name])} bpb)"
+                for name in ("muon", "adamw")
+            )
+        )
+    return runs
+
+
+def sweep_section(s: TrainSettings, corpus: Corpus, sweep: Sweep) -> benchkit.Section:
+    best = sweep.best
+    lrs = sorted(set(sweep.bpb["adamw"]) | set(sweep.bpb["muon"]))
+
+    def cell(name: str, lr: float) -> float | str:
+        return round(sweep.bpb[name][lr], 3) if lr in sweep.bpb[name] else "not run"
+
+    muon_at_adamw_lr = sweep.bpb["muon"].get(best["adamw"])
+    adamw_at_best = sweep.bpb["adamw"][best["adamw"]]
+    transfer = (
+        f"AdamW's best lr {best['adamw']:g} {'is' if best['adamw'] == best['muon'] else 'is not'} Muon's best "
+        f"({best['muon']:g}); "
+        + (
+            f"Muon at AdamW's best lr reaches {muon_at_adamw_lr:.3f} bpb vs AdamW's {adamw_at_best:.3f} at the same "
+            f"lr and steps ({'better' if muon_at_adamw_lr < adamw_at_best else 'not better'}). "
+            if muon_at_adamw_lr is not None
+            else "Muon was not run at AdamW's best lr (not in its grid). "
+        )
+        + f"Weight decay {s.weight_decay} for both (not swept)."
+    )
+    notes = [transfer]
+    for name in OPTIMIZERS:
+        grid = sorted(sweep.bpb[name])
+        edge = len(grid) > 1 and best[name] in (grid[0], grid[-1])
+        notes.append(
+            f"{name}: grid {', '.join(f'{lr:g}' for lr in grid)}"
+            + (
+                f" (added {', '.join(f'{lr:g}' for lr in sweep.added[name])}: best at an edge)"
+                if sweep.added[name]
+                else ""
+            )
+            + (
+                f"; best {best[name]:g} is still at an edge"
+                if edge
+                else f"; best {best[name]:g} inside the grid"
+            )
+        )
+    if sweep.stopped:
+        notes.append(f"Stopped at the section's budget: {sweep.stopped}.")
+    return benchkit.Section(
+        title="Training efficiency: learning-rate sweep (validation bits per byte)",
+        description=(
+            f"Small GPT ({s.layers} layers, d_model {s.d_model}, {s.heads} heads, context {s.context}, batch "
+            f"{s.batch}) on the Python {corpus.python} standard library as bytes ({corpus.files} files), "
+            f"{s.sweep_steps} steps, seed {s.sweep_seed}, weight decay {s.weight_decay} for both. Each optimizer "
+            "has its own grid around its expected best, widened by half-decades while its best is at an edge."
+        ),
+        columns=["lr", "AdamW bpb", "Muon bpb"],
+        rows=[[f"{lr:g}", cell("adamw", lr), cell("muon", lr)] for lr in lrs],
+        notes=notes,
     )
 
-    # 1. Learning-rate sweep, one seed, shorter runs.
-    sweep: dict[str, dict[float, float]] = {"adamw": {}, "muon": {}}
-    for lr in s.lrs:
-        for name in ("adamw", "muon"):
-            benchkit.progress(f"sweep {name} lr={lr:g} ({s.sweep_steps} steps)")
-            sweep[name][lr] = train(name, lr, s.sweep_steps, 0, corpus, s, device)[-1][1]
-    best = {name: min(sweep[name], key=sweep[name].get) for name in sweep}
 
-    # 2. Seeds at each optimizer's best lr: Muon for muon_steps, AdamW for adamw_steps.
-    curves: dict[str, list[list[tuple[int, float]]]] = {"adamw": [], "muon": []}
-    for seed in s.seeds:
-        for name, steps in (("muon", s.muon_steps), ("adamw", s.adamw_steps)):
-            benchkit.progress(f"seed {seed}: {name} lr={best[name]:g} ({steps} steps)")
-            curves[name].append(train(name, best[name], steps, seed, corpus, s, device))
-
-    reverse, muon_final, adamw_same = [], [], []
-    for m_curve, a_curve in zip(curves["muon"], curves["adamw"], strict=True):
-        muon_final.append(m_curve[-1][1])
-        adamw_same.append(_at(a_curve, s.muon_steps))
-        need_m = steps_to_reach(m_curve, _at(a_curve, s.muon_steps))
-        reverse.append(s.muon_steps / need_m if need_m else None)
-    by_step = ratio_by_muon_step(curves["muon"], curves["adamw"])
-    ratios = by_step[s.muon_steps]  # steps AdamW needs to reach Muon's final loss, over Muon's steps
+def seeds_section(
+    s: TrainSettings, sweep: Sweep, runs: dict[str, list[Run]], outdir: Path, prefix: str, stopped: str = ""
+) -> tuple[benchkit.Section, dict]:
+    """The steps-ratio read-outs over seeds, from curves cut to the steps every seed reached."""
+    pairs = [(m, a) for m, a in zip(runs["muon"], runs["adamw"], strict=True) if m.curve and a.curve]
+    curves = {
+        "muon": [[p for p in m.curve if p[0] <= s.muon_steps] for m, _ in pairs],
+        "adamw": [[p for p in a.curve if p[0] <= s.adamw_steps] for _, a in pairs],
+    }
+    seeds = [m.seed for m, _ in pairs]
+    best = sweep.best
+    summary: dict = {"best_lr": best, "sweep_bpb": {k: {str(lr): v for lr, v in d.items()} for k, d in sweep.bpb.items()},
+                     "seeds": seeds, "curves": curves, "stopped": stopped}  # fmt: skip
+    if not pairs:
+        section = benchkit.Section(
+            title="Training efficiency: Muon vs AdamW at each one's best lr",
+            description="No seed got far enough to compare.",
+            notes=[f"Stopped at the section's budget: {stopped}."] if stopped else [],
+        )
+        return section, {**summary, "headline_muon_step": None}
+    k_final = min(c[-1][0] for c in curves["muon"])  # the Muon step every seed reached
+    a_final = min(c[-1][0] for c in curves["adamw"])
+    by_step = {k: xs for k, xs in ratio_by_muon_step(curves["muon"], curves["adamw"]).items() if k <= k_final}
+    ratios = by_step.get(k_final, [])
     reached = [step for step, xs in by_step.items() if all(x is not None for x in xs)]
     headline = max(reached) if reached else None
+    muon_final = [_value_at(c, k_final) for c in curves["muon"]]
+    adamw_same = [_value_at(c, k_final) for c in curves["adamw"]]
+    adamw_last = [c[-1][1] for c in curves["adamw"]]
+    reverse = []
+    for m_curve, a_same in zip(curves["muon"], adamw_same, strict=True):
+        need_m = steps_to_reach(m_curve, a_same) if a_same is not None else None
+        reverse.append(k_final / need_m if need_m else None)
 
     def fmt_ratio(xs: list[float | None], missing: str) -> str:
         shown = [f"{x:.2f}" if x is not None else missing for x in xs]
@@ -230,87 +456,86 @@ def run(
             )
         return f"seeds: {', '.join(shown)}"
 
-    cap = s.adamw_steps / s.muon_steps
-    summary = {
-        "best_lr": best,
-        "sweep_bpb": {k: {str(lr): v for lr, v in d.items()} for k, d in sweep.items()},
-        "muon_final_bpb": muon_final,
-        "adamw_bpb_at_same_steps": adamw_same,
-        "steps_ratio_adamw_to_reach_muon": ratios,
-        "steps_ratio_by_muon_step": {str(k): v for k, v in by_step.items()},
-        "headline_muon_step": headline,
-        "reverse_ratio": reverse,
-        "curves": curves,
-        "python": corpus.python,
-        "corpus_files": corpus.files,
-    }
-    muon_at_adamw_lr = sweep["muon"][best["adamw"]]
-    transfer = (
-        f"AdamW's best lr {best['adamw']:g} {'is' if best['adamw'] == best['muon'] else 'is not'} Muon's best "
-        f"({best['muon']:g}); Muon at AdamW's best lr reaches {muon_at_adamw_lr:.3f} bpb vs AdamW's "
-        f"{sweep['adamw'][best['adamw']]:.3f} at the same lr and steps "
-        f"({'better' if muon_at_adamw_lr < sweep['adamw'][best['adamw']] else 'not better'}). "
-        f"Weight decay {s.weight_decay} for both (not swept)."
+    def mean_sd(xs: list[float | None]) -> str:
+        known = [x for x in xs if x is not None]
+        if not known:
+            return "not reached"
+        sd = statistics.stdev(known) if len(known) > 1 else 0.0
+        return f"{statistics.mean(known):.3f} +- {sd:.3f}" + (
+            f" ({len(known)} of {len(xs)} seeds)" if len(known) < len(xs) else ""
+        )
+
+    summary.update(
+        muon_final_bpb=muon_final,
+        adamw_bpb_at_same_steps=adamw_same,
+        muon_steps_done=k_final,
+        adamw_steps_done=a_final,
+        steps_ratio_adamw_to_reach_muon=ratios,
+        steps_ratio_by_muon_step={str(k): v for k, v in by_step.items()},
+        headline_muon_step=headline,
+        reverse_ratio=reverse,
     )
-    mean = statistics.mean
-    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-    rows_sweep = [[f"{lr:g}", round(sweep["adamw"][lr], 3), round(sweep["muon"][lr], 3)] for lr in s.lrs]
-    sections = [
-        benchkit.Section(
-            title="Training efficiency: learning-rate sweep (validation bits per byte)",
-            description=(
-                f"Small GPT ({s.layers} layers, d_model {s.d_model}, {s.heads} heads, context {s.context}, batch "
-                f"{s.batch}) on the Python {corpus.python} standard library as bytes ({corpus.files} files), "
-                f"{s.sweep_steps} steps, seed 0, weight decay {s.weight_decay} for both."
-            ),
-            columns=["lr", "AdamW bpb", "Muon bpb"],
-            rows=rows_sweep,
-            notes=[transfer],
-        ),
-        benchkit.Section(
-            title="Training efficiency: Muon vs AdamW at each one's best lr",
-            description=(
-                f"{len(s.seeds)} seeds. Muon trains {s.muon_steps} steps, AdamW {s.adamw_steps}. Steps ratio = "
-                f"steps AdamW needs to reach Muon's step-{s.muon_steps} validation loss / {s.muon_steps} (the "
-                "paper's ~2x compute-efficiency claim; '>x' = not reached within AdamW's run). Reverse = "
-                f"{s.muon_steps} / steps Muon needs to reach AdamW's step-{s.muon_steps} loss."
-            ),
-            columns=["quantity", "value"],
-            rows=[
-                ["Muon lr / AdamW lr", f"{best['muon']:g} / {best['adamw']:g}"],
-                [f"Muon bpb at step {s.muon_steps}", f"{mean(muon_final):.3f} +- {sd(muon_final):.3f}"],
-                [f"AdamW bpb at step {s.muon_steps}", f"{mean(adamw_same):.3f} +- {sd(adamw_same):.3f}"],
-                [
-                    f"AdamW bpb at step {s.adamw_steps}",
-                    f"{mean([c[-1][1] for c in curves['adamw']]):.3f} +- {sd([c[-1][1] for c in curves['adamw']]):.3f}",
-                ],
-                [
-                    "steps ratio (AdamW steps to reach Muon's final loss)"
-                    + (" (headline)" if headline == s.muon_steps else ""),
-                    fmt_ratio(ratios, f">{cap:.2f}"),
-                ],
-                *[
-                    [
-                        f"steps ratio at Muon step {step}" + (" (headline)" if step == headline else ""),
-                        fmt_ratio(xs, f">{s.adamw_steps / step:.2f}"),
-                    ]
-                    for step, xs in by_step.items()
-                    if step != s.muon_steps and (step % (2 * s.eval_every) == 0 or step == headline)
-                ],
-                ["reverse ratio", fmt_ratio(reverse, "not reached")],
-            ],
-            notes=[
-                "The learning rate is constant after warm-up, so Muon's loss at step k of a longer run is its "
-                "loss after k steps; 'steps ratio at Muon step k' = steps AdamW needs to reach Muon's step-k "
-                "loss / k. The headline is the largest k at which every seed's AdamW run reaches Muon's loss."
-            ],
-            plots=_plot(curves, sweep, by_step, s, outdir, prefix),
-        ),
+    notes = [
+        "The learning rate is constant after warm-up, so Muon's loss at step k of a longer run is its "
+        "loss after k steps; 'steps ratio at Muon step k' = steps AdamW needs to reach Muon's step-k "
+        "loss / k. The headline is the largest k at which every seed's AdamW run reaches Muon's loss.",
     ]
-    return sections, summary
+    if s.sweep_seed in seeds:
+        notes.append(
+            f"Seed {s.sweep_seed} continues its learning-rate-sweep run (the run a fresh start gives: tested)."
+        )
+    if stopped:
+        notes.append(
+            f"Stopped at the section's budget: {stopped}. Read-outs use the steps every seed reached "
+            f"(Muon {k_final} of {s.muon_steps}, AdamW {a_final} of {s.adamw_steps})."
+        )
+    section = benchkit.Section(
+        title="Training efficiency: Muon vs AdamW at each one's best lr",
+        description=(
+            f"{len(pairs)} seeds ({', '.join(map(str, seeds))}). Muon trains {s.muon_steps} steps, AdamW "
+            f"{s.adamw_steps}. Steps ratio = steps AdamW needs to reach Muon's step-{k_final} validation loss / "
+            f"{k_final} (the paper's ~2x compute-efficiency claim; '>x' = not reached within AdamW's run). "
+            f"Reverse = {k_final} / steps Muon needs to reach AdamW's step-{k_final} loss."
+        ),
+        columns=["quantity", "value"],
+        rows=[
+            ["Muon lr / AdamW lr", f"{best['muon']:g} / {best['adamw']:g}"],
+            [f"Muon bpb at step {k_final}", mean_sd(muon_final)],
+            [f"AdamW bpb at step {k_final}", mean_sd(adamw_same)],
+            [f"AdamW bpb at step {a_final}", mean_sd(adamw_last)],
+            [
+                "steps ratio (AdamW steps to reach Muon's final loss)"
+                + (" (headline)" if headline == k_final else ""),
+                fmt_ratio(ratios, f">{a_final / k_final:.2f}"),
+            ],
+            *[
+                [
+                    f"steps ratio at Muon step {step}" + (" (headline)" if step == headline else ""),
+                    fmt_ratio(xs, f">{a_final / step:.2f}"),
+                ]
+                for step, xs in by_step.items()
+                if step != k_final and (step % (2 * s.eval_every) == 0 or step == headline)
+            ],
+            ["reverse ratio", fmt_ratio(reverse, "not reached")],
+        ],
+        notes=notes,
+        plots=_plot(curves, sweep.bpb, by_step, seeds, s, outdir, prefix),
+    )
+    return section, summary
 
 
-def _plot(curves: dict, sweep: dict, by_step: dict, s: TrainSettings, outdir: Path, prefix: str) -> list[str]:
+def headline(summary: dict) -> str | None:
+    """The steps-ratio headline as one line, or None when no Muon step was reached by every seed's AdamW."""
+    k = summary.get("headline_muon_step")
+    if k is None:
+        return None
+    xs = summary["steps_ratio_by_muon_step"][str(k)]
+    per_seed = ", ".join(f"{x:.2f}" for x in xs)
+    return f"{statistics.median(xs):.2f} at Muon step {k} ({len(xs)} seeds: {per_seed})"
+
+
+def _plot(curves: dict, sweep: dict, by_step: dict, seeds: list[int], s: TrainSettings, outdir: Path,
+          prefix: str) -> list[str]:  # fmt: skip
     try:
         import matplotlib
 
@@ -323,23 +548,24 @@ def _plot(curves: dict, sweep: dict, by_step: dict, s: TrainSettings, outdir: Pa
         for i, curve in enumerate(curves[name]):
             steps, vals = zip(*curve, strict=True)
             ax1.plot(steps, vals, color=color, alpha=0.7, label=f"{name} (seeds)" if i == 0 else None)
-        ax2.plot(
-            [str(lr) for lr in s.lrs], [sweep[name][lr] for lr in s.lrs], marker="o", color=color, label=name
-        )
+        lrs = sorted(sweep[name])
+        ax2.plot(lrs, [sweep[name][lr] for lr in lrs], marker="o", color=color, label=name)
     ax1.set_xlabel("step")
     ax1.set_ylabel("validation bits per byte")
-    ax1.set_ylim(top=min(5.0, ax1.get_ylim()[1]))
+    lowest = min(v for name in curves for curve in curves[name] for _, v in curve)
+    if lowest < 5.0:  # the first evaluations are far above the rest: cut them off, unless nothing is left
+        ax1.set_ylim(top=min(5.0, ax1.get_ylim()[1]))
     ax1.set_title("Validation loss, each optimizer at its best lr")
     ax1.legend()
+    ax2.set_xscale("log")
     ax2.set_xlabel("learning rate")
     ax2.set_ylabel(f"bpb after {s.sweep_steps} steps")
-    ax2.set_title("Learning-rate sweep (seed 0)")
+    ax2.set_title(f"Learning-rate sweep (seed {s.sweep_seed})")
     ax2.legend()
-    n_seeds = len(curves["muon"])
-    for i in range(n_seeds):
+    for i, seed in enumerate(seeds):
         pts = [(k, xs[i]) for k, xs in by_step.items() if xs[i] is not None]
         if pts:
-            ax3.plot(*zip(*pts, strict=True), marker="o", alpha=0.7, label=f"seed {s.seeds[i]}")
+            ax3.plot(*zip(*pts, strict=True), marker="o", alpha=0.7, label=f"seed {seed}")
     ax3.axhline(2.0, color="grey", linestyle="--", label="paper: ~2x")
     ax3.set_xlabel("Muon step k")
     ax3.set_ylabel("AdamW steps to reach Muon's step-k loss / k")

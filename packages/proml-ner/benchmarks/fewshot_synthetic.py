@@ -76,11 +76,13 @@ def zero_shot_gap(
 
     ``over(next_cost_seconds)`` (a time budget, e.g. ``benchkit.SectionClock.over``) is asked before each
     episode with the slowest episode's time so far; when it says yes the loop stops and ``stopped_after``
-    gives the episodes looked at (``episodes`` counts those scored). ``progress`` gets one line per episode.
+    gives the episodes looked at (``episodes`` counts those scored). ``progress`` gets a line every
+    ``len(episodes) // 50`` episodes (every episode for 50 or fewer).
     """
     ner = ProMLNer(model)
     zero = {t: EntityCounts() for t in thresholds}
     few, used, seen, slowest = EntityCounts(), 0, 0, 0.0
+    every = max(1, len(episodes) // 50)  # about 50 progress lines
     for i, ep in enumerate(episodes):
         if over is not None and seen and over(slowest):
             break
@@ -101,7 +103,7 @@ def zero_shot_gap(
         few += score(gold, f_tags)
         used += 1
         slowest = max(slowest, time.perf_counter() - t0)
-        if progress is not None:
+        if progress is not None and ((i + 1) % every == 0 or i + 1 == len(episodes)):
             progress(f"zero-shot episode {i + 1}/{len(episodes)}: running support F1 {few.f1:.3f}")
 
     def prf(c: EntityCounts) -> dict:
