@@ -225,8 +225,8 @@ def _selected_bench_packages() -> list[str]:
 
 
 _BENCH_STARTED: list[float] = []
-# Install time of one bench venv, cold uv cache (torch + torchvision wheels linked from the cache after).
-_INSTALL_S = 60
+# Install time of one bench venv with uv's cache warm (a cold cache downloads torch once: minutes).
+_INSTALL_S = 20
 
 
 def _print_plan(profile: str) -> None:

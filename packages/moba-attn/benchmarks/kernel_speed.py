@@ -168,8 +168,9 @@ def run_speed(
     """Time every contender at every length; returns rows keyed by (mode, T, contender).
 
     ``over(seconds)`` says whether work of that cost would pass the section's budget: before each
-    length the cost is extrapolated from the previous length (growth as ``T^1.5``, between MoBA's
-    ``T`` and SDPA's ``T^2``) and the remaining lengths are skipped, and listed, if it would not fit.
+    length the cost is extrapolated from the previous length's measured medians (dense contenders
+    grow as ``T^2``, MoBA as ``T``; one-time costs such as FlexAttention's compile are not counted)
+    and the remaining lengths are skipped, and listed, if it would not fit.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     h, d, dt = shape.heads, shape.head_dim, shape.dtype
@@ -182,13 +183,14 @@ def run_speed(
         f"MoBA backends here: {backends}; flex={'yes' if flex else 'no'}; flash-attn={'yes' if flash else 'no'}"
     )
     skipped: list[int] = []
-    prev: tuple[int, float] | None = None
+    prev_t = 0
     for t in lengths:
-        if prev is not None and over(prev[1] * (t / prev[0]) ** 1.5):
-            skipped = [x for x in lengths if x >= t]
-            log(f"stopping before T={t}: the extrapolated cost would pass the section budget")
-            break
-        t_len = time.perf_counter()
+        if prev_t:
+            est = _extrapolate(rows, prev_t, t, repeats, backward_max_t, flex_max_t)
+            if over(est):
+                skipped = [x for x in lengths if x >= t]
+                log(f"stopping before T={t}: ~{est:.0f}s (extrapolated) would pass the section budget")
+                break
         gen = torch.Generator(device=device).manual_seed(t)
         thd = [torch.randn(t, h, d, device=device, dtype=dt, generator=gen) for _ in range(3)]
         for mode in ("forward", "forward+backward", "decode"):
@@ -219,8 +221,25 @@ def run_speed(
                 )
             del contenders
         del thd
-        prev = (t, time.perf_counter() - t_len)
+        prev_t = t
     return {"backends": backends, "rows": rows, "skipped_lengths": skipped}
+
+
+def _extrapolate(
+    rows: list[dict[str, Any]], prev_t: int, t: int, repeats: int, backward_max_t: int, flex_max_t: int
+) -> float:
+    """Seconds the contenders timed at ``prev_t`` would take at ``t`` (warm-up + repeats each), counting
+    only the modes and contenders that run at ``t``."""
+    total = 0.0
+    for r in rows:
+        if r["mode"] == "forward+backward" and t > backward_max_t:
+            continue
+        if "flex" in r["contender"] and t > flex_max_t:
+            continue
+        if r["T"] == prev_t:
+            power = 1 if r["contender"].startswith("moba") else 2
+            total += r["median_ms"] / 1e3 * (repeats + 1) * (t / prev_t) ** power
+    return total
 
 
 def _contenders(
