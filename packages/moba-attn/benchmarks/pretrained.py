@@ -90,8 +90,8 @@ class PretrainedSettings:
     """Windows per context and the settings evaluated (the section's time budget is in budget.json).
 
     Order of work, so that a section cut short by its budget still has its headline figures: the
-    ``core`` settings at every context, then the speed part at the longest context, then ``extra``
-    settings at every context and the ``hybrid`` sweep at ``hybrid_context``.
+    ``core`` settings at every context, then the speed part at the longest context, the ``hybrid``
+    sweep at ``hybrid_context``, and last the ``extra`` settings at every context.
     """
 
     contexts: dict[int, int] = field(default_factory=lambda: {2048: 2, 4096: 1, 8192: 1})
@@ -371,11 +371,11 @@ def run_pretrained(
                 f"last quarter {r['ppl_last_quarter']:.2f}, {r['forward_s']:.1f}s per window"
             )
 
-    n_plan = len(contexts) * (len(s.core) + len(s.extra)) + len(s.hybrid)
+    n_plan = len(contexts) * (len(s.core) + len(s.extra)) + len(s.hybrid)  # progress denominator
     evaluate([(length, st) for length in contexts for st in s.core])
     speed = _speed(model, tok, s, windows[longest][0], rows, kept, log)
-    evaluate([(length, st) for length in contexts for st in s.extra])
     evaluate([(s.hybrid_context, st) for st in s.hybrid])
+    evaluate([(length, st) for length in contexts for st in s.extra])
     for r in rows:
         base = next(b for b in rows if b["context"] == r["context"] and b["block_size"] is None)
         r["ppl_vs_sdpa_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
