@@ -104,7 +104,8 @@ class Timing:
         return (self.q75 - self.q25) / self.median if self.median > 0 else float("nan")
 
 
-def _summarise(xs: list[float]) -> Timing:
+def summarise(xs: list[float]) -> Timing:
+    """Median and quartiles of repeated runs (the extremes below 4 runs)."""
     xs = sorted(xs)
     if len(xs) >= 4:
         q = statistics.quantiles(xs, n=4)
@@ -138,7 +139,7 @@ def time_interleaved(
             fn()
             sync()
             runs[name].append(time.perf_counter() - t0)
-    return {name: _summarise(xs) for name, xs in runs.items()}
+    return {name: summarise(xs) for name, xs in runs.items()}
 
 
 @dataclass

@@ -151,14 +151,7 @@ def time_within(
         rounds.append(sum(xs[-1] for xs in runs.values()))
         if time.perf_counter() - start + statistics.median(rounds) > seconds:
             break
-    return {name: _timing(xs) for name, xs in runs.items()}, len(rounds), statistics.median(rounds)
-
-
-def _timing(xs: list[float]) -> benchkit.Timing:
-    """``benchkit``'s summary of repeated runs: median and quartiles (the extremes below 4 runs)."""
-    xs = sorted(xs)
-    q25, q75 = (statistics.quantiles(xs, n=4)[::2]) if len(xs) >= 4 else (xs[0], xs[-1])
-    return benchkit.Timing(median=statistics.median(xs), q25=q25, q75=q75, runs=xs)
+    return {name: benchkit.summarise(xs) for name, xs in runs.items()}, len(rounds), statistics.median(rounds)
 
 
 def _cut_note(n: int, wanted: int, what: str) -> list[str]:
