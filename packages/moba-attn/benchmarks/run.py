@@ -55,7 +55,7 @@ def profile_settings(profile: str, device: torch.device) -> dict:
             shape=kernel_speed.Shape(heads=2, head_dim=64, dtype=torch.float32),
             repeats=2,
             backward_max_t=2048,
-            flex_max_t=2048,
+            flex_max_t=1024,  # FlexAttention's first compile takes ~20 s on a CPU: once is enough here
             lm=lm_quality.LMSettings(
                 steps=6, context=128, batch=2, block_size=16, topk=2, eval_windows=4, seeds=(0,)
             ),
