@@ -18,6 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from transformers import DynamicCache  # noqa: E402
+
 import moba_attn  # noqa: E402
 from moba_attn.hf import (  # noqa: E402
     MoBAAttention,
@@ -247,20 +249,21 @@ def test_dense_settings_equal_sdpa_logits_and_grads(family):
         assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-3, what=f"{family} grad {name}")
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "moba"])
+@pytest.mark.parametrize("cache", ["dynamic", "moba", "auto"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparse_generate_with_cache_equals_recompute(family, cache):
     """Decode with a KV cache (sparse decode path) gives the logits a no-cache forward gives.
 
-    ``dynamic``: transformers' default cache (block means recomputed each step); ``moba``: MoBACache
-    with running block means.
+    ``dynamic``: transformers' DynamicCache passed explicitly (block means recomputed each step);
+    ``moba``: a MoBACache passed in (running block means); ``auto``: no cache passed, and generate()
+    builds a MoBACache by itself for a model on attn_implementation="moba".
     """
     model = as_moba(tiny_model(family), MoBAConfig(block_size=4, topk=2))
     prompt = tokens(1, 11)
     dense_logits = tiny_model(family)(prompt).logits
     sparse_logits = model(prompt).logits
     assert not torch.allclose(dense_logits, sparse_logits, atol=1e-3)  # the settings are really sparse
-    past = MoBACache(config=model.config) if cache == "moba" else None
+    past = {"moba": MoBACache(config=model.config), "dynamic": DynamicCache(config=model.config)}.get(cache)
     gen = model.generate(
         prompt,
         max_new_tokens=14,
@@ -269,7 +272,10 @@ def test_sparse_generate_with_cache_equals_recompute(family, cache):
         return_dict_in_generate=True,
         past_key_values=past,
     )
-    if cache == "moba":
+    assert type(gen.past_key_values) is (DynamicCache if cache == "dynamic" else MoBACache)
+    if cache == "auto":
+        past = gen.past_key_values
+    if cache != "dynamic":
         for layer in past.layers:
             assert isinstance(layer, MoBACacheLayer) and layer.block_means is not None
             assert layer.means_seen == 11 + 13  # the last generated token is never fed back
@@ -568,3 +574,54 @@ def test_gemma2_softcapping_raises_before_the_window():
     model = as_moba(tiny_model("gemma2", window=8), MoBAConfig(block_size=4, topk=2))
     with pytest.raises(ValueError, match=r"softcap=50\.0"):
         model(tokens(1, 4))
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "holes"])
+def test_decode_reads_the_cache_in_place(padding, monkeypatch):
+    """Decode steps through MoBAAttention hand the op views of the cache's [B, H, S, D] tensors, one
+    batch row at a time (left padding included), and never a copy of the cache; a mask with holes
+    takes the packed (copying) path and stays correct."""
+    import moba_attn as top
+
+    model = as_moba(tiny_model("llama"), MoBAConfig(block_size=4, topk=2))
+    ids = tokens(2, 12, seed=5)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padding == "left":
+        mask[1, :5] = 0
+    elif padding == "holes":
+        mask[1, 3:5] = 0
+    past = MoBACache(config=model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=past, use_cache=True)
+    storages = {layer.keys.untyped_storage().data_ptr() for layer in past.layers}
+    seen: list[bool] = []
+    op = top.moba_attention
+
+    def spy(**kw):
+        if kw["q"].shape[0] < kw["k"].shape[0]:
+            seen.append(kw["k"].untyped_storage().data_ptr() in storages_now)
+        return op(**kw)
+
+    monkeypatch.setattr(top, "moba_attention", spy)
+    nxt = tokens(2, 1, seed=6)
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    # the cache grows by concatenation: the step's key tensors are the layers' new ones
+    storages_now: set[int] = set()
+    orig_update = MoBACacheLayer.update
+
+    def update(self, *a, **kw):
+        keys, values = orig_update(self, *a, **kw)
+        storages_now.add(keys.untyped_storage().data_ptr())
+        return keys, values
+
+    monkeypatch.setattr(MoBACacheLayer, "update", update)
+    with torch.no_grad():
+        step = model(nxt, attention_mask=mask2, past_key_values=past, use_cache=True).logits
+        full = model(torch.cat([ids, nxt], 1), attention_mask=mask2).logits
+    assert storages  # prefill filled the cache
+    if padding == "holes":
+        assert seen == [False] * len(seen)
+    else:
+        assert len(seen) == 2 * len(past.layers) and all(seen)
+    for b in range(2):
+        assert_close(step[b, -1], full[b, -1], what=f"row {b}")

@@ -38,12 +38,17 @@ def _tol(d: int) -> float:
     return 2e-5 * math.sqrt(d)
 
 
+# "torch" is the fused CPU path on CPU; "torch_tiled" the batched-matmul baseline
+TORCH_PATHS = ["torch", "torch_tiled"]
+
+
+@pytest.mark.parametrize("backend", TORCH_PATHS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_torch_matches_reference_forward_and_grads(case: tuple) -> None:
+def test_torch_matches_reference_forward_and_grads(case: tuple, backend: str) -> None:
     lengths, hq, hkv, d, bs, topk = case
     q, k, v, cu = packed_inputs(lengths, hq, hkv, d, seed=len(lengths) + d)
     kw = dict(q=q, k=k, v=v, cu_seqlens=cu, block_size=bs, topk=topk, return_lse=True)
-    o, lse = moba_attention(**kw, backend="torch")
+    o, lse = moba_attention(**kw, backend=backend)
     o_ref, lse_ref = moba_attention_reference(**kw)
     assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:2]
     assert_close("o", o, o_ref, _tol(d))
@@ -52,11 +57,17 @@ def test_torch_matches_reference_forward_and_grads(case: tuple) -> None:
         assert_close(name, a, b, 5 * _tol(d), 1e-4)
 
 
-@pytest.mark.parametrize("t,bs,topk", [(63, 16, 4), (257, 64, 5), (100, 128, 1), (300, 32, 10)])
+@pytest.mark.parametrize("backend", TORCH_PATHS)
+@pytest.mark.parametrize(
+    "t,bs,topk", [(63, 16, 4), (257, 64, 5), (100, 128, 1), (300, 32, 10), (300, 32, 10**9)]
+)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 1)])
-def test_full_coverage_equals_sdpa_causal(t: int, bs: int, topk: int, hq: int, hkv: int) -> None:
+def test_full_coverage_equals_sdpa_causal(
+    t: int, bs: int, topk: int, hq: int, hkv: int, backend: str
+) -> None:
+    """Also ``topk=10**9``: clamped to the number of blocks, not allocated."""
     q, k, v, _ = packed_inputs([t], hq, hkv, 32, seed=t)
-    o = moba_attention(q=q, k=k, v=v, block_size=bs, topk=topk)
+    o = moba_attention(q=q, k=k, v=v, block_size=bs, topk=topk, backend=backend)
     qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))
     want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=hq != hkv)[0].transpose(0, 1)
     assert_close("o vs sdpa", o, want, 1e-5)
@@ -64,27 +75,33 @@ def test_full_coverage_equals_sdpa_causal(t: int, bs: int, topk: int, hq: int, h
         assert_close(name, a, b, 1e-4, 1e-4)
 
 
-def _decode_case(lengths: list[int], q_lens: list[int]):
+def _decode_case(lengths: list[int], q_lens: list[int], backend: str = "torch"):
     q, k, v, cu = packed_inputs(lengths, 4, 2, 32, seed=7, grad=False)
-    full = moba_attention(q=q, k=k, v=v, cu_seqlens=cu, block_size=16, topk=3)
+    full = moba_attention(q=q, k=k, v=v, cu_seqlens=cu, block_size=16, topk=3, backend=backend)
     cu_l = cu.tolist()
     take = torch.cat([torch.arange(cu_l[i + 1] - n, cu_l[i + 1]) for i, n in enumerate(q_lens)])
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return q, k, v, cu, full, take, cu_q
 
 
+@pytest.mark.parametrize("backend", TORCH_PATHS)
 @pytest.mark.parametrize(
     "q_lens", [[1, 1, 1], [5, 40, 1], [70, 2, 33], [0, 3, 0]], ids=["decode", "chunk", "mixed", "empty-seqs"]
 )
-def test_decode_and_chunked_prefill_equal_prefill(q_lens: list[int]) -> None:
+def test_decode_and_chunked_prefill_equal_prefill(q_lens: list[int], backend: str) -> None:
     lengths = [70, 120, 33]
-    q, k, v, cu, full, take, cu_q = _decode_case(lengths, q_lens)
+    q, k, v, cu, full, take, cu_q = _decode_case(lengths, q_lens, backend)
     kw = dict(q=q[take], k=k, v=v, cu_seqlens=cu_q, cu_seqlens_k=cu, block_size=16, topk=3)
-    o = moba_attention(**kw)
+    o = moba_attention(**kw, backend=backend)
     assert_close("decode vs prefill", o, full[take], 1e-5)
     assert_close("reference decode", moba_attention_reference(**kw), full[take], 1e-5)
     means = KeyBlockMeans.from_keys(k, 16, cu)
-    assert_close("with KeyBlockMeans", moba_attention(**kw, block_means=means), full[take], 1e-5)
+    assert_close(
+        "with KeyBlockMeans",
+        moba_attention(**kw, block_means=means, backend=backend),
+        full[take],
+        1e-5,
+    )
 
 
 def test_step_by_step_decode_with_incremental_means() -> None:
@@ -207,6 +224,12 @@ def _bad(**over):
         (dict(backend="cuda"), ValueError, "backend must be"),
         (dict(cu_seqlens_k=torch.tensor([0, 64], dtype=torch.int32)), ValueError, "describes 1 sequences"),
         (dict(cu_seqlens_k=torch.tensor([0, 16, 64], dtype=torch.int32)), ValueError, "no longer than"),
+        (
+            dict(block_means=torch.zeros(4, 2, 16, dtype=torch.int64)),
+            ValueError,
+            "block_means must be floating",
+        ),
+        (dict(block_means=[[0.0]]), TypeError, "block_means must be a torch.Tensor"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .merge import merge_partials
-from .routing import RoutedPairs, Routing, SelfBlocks
+from .routing import RoutedPairs, Routing
+from .tiles import SelfBlocks
 
 
 @dataclass(frozen=True)

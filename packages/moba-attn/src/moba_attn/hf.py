@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .hf_op import hf_attention
+from .op import BACKENDS
 
 __all__ = [
     "MOBA_CONFIG_KEY",
@@ -55,7 +56,7 @@ __all__ = [
 #: Attribute of ``model.config`` that holds the MoBA settings (a JSON-serialisable dict).
 MOBA_CONFIG_KEY = "moba_config"
 
-_BACKENDS = ("auto", "triton", "flash", "flex", "torch")
+_BACKENDS = ("auto", *BACKENDS)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class MoBAConfig:
         full_attention_layers: decoder layer indices that keep full causal attention (SDPA, or
             flash-attn varlen on CUDA when installed). Negative indices count from the end, so
             ``(-3, -2, -1)`` is the paper's "last three layers full" hybrid (section 3.1).
-        backend: MoBA op backend (``"auto"``, ``"triton"``, ``"flash"``, ``"flex"``, ``"torch"``).
+        backend: MoBA op backend (``"auto"`` or one of :data:`moba_attn.op.BACKENDS`).
         sink_blocks: leading key blocks of every sequence that each later query always attends; they
             take slots of ``topk`` (own block + ``sink_blocks`` + ``topk - 1 - sink_blocks`` routed),
             so the number of keys attended is unchanged. ``0`` is the paper's MoBA and the default for
@@ -502,6 +503,12 @@ def _attend(
         "cu_seq_lens_k": cu_seq_lens_k,
     }
     lay = _varlen_layout(batch, s_q, s_k, attention_mask, layout_kwargs)
+    rows = _row_spans(lay, batch, s_q, s_k) if s_q < s_k else None
+    if rows is not None:
+        return _attend_rows(
+            query, key, value, rows, lay.mask_k, block_size=block_size, topk=topk, sink_blocks=sink_blocks,
+            scale=scale, full_layer=full_layer, backend=backend, cache_keys=cache_keys,
+        )  # fmt: skip
     q = query.transpose(1, 2).reshape(batch * s_q, h_q, dim)
     k = key.transpose(1, 2).reshape(batch * s_k, h_k, dim)
     v = value.transpose(1, 2).reshape(batch * s_k, h_k, dim)
@@ -518,7 +525,7 @@ def _attend(
             # keys from a MoBACache: running block means, O(new) a step
             from .hf_cache import cached_block_means
 
-            block_means = cached_block_means(cache_keys, k, lay.mask_k, lay.cu_k, block_size)
+            block_means = cached_block_means(cache_keys, lambda: k, lay.mask_k, lay.cu_k, block_size)
         out = moba_attention(
             q=q,
             k=k,
@@ -539,6 +546,80 @@ def _attend(
     return out.reshape(batch, s_q, h_q, dim)
 
 
+def _row_spans(lay: _Varlen, batch: int, s_q: int, s_k: int) -> list[tuple[int, int]] | None:
+    """Each batch row's real key slots ``[a, e)`` when every row's are one run (left or right padding).
+
+    A decode step or a chunk (``S_q < S_k``) is then attended row by row on views of the cache, which
+    is never copied: flattening ``[B, H, S, D]`` to packed ``[B * S, H, D]`` (or unpadding it) would copy
+    the whole cache every step, more memory traffic than the sparse attention itself. ``None``: the
+    packed path (packed sequences in one row, or a mask with holes).
+    """
+    if lay.mask_k is None:
+        arange = torch.arange(batch + 1, device=lay.cu_k.device, dtype=lay.cu_k.dtype)
+        one_per_row = lay.cu_k.shape == arange.shape and bool((lay.cu_k == arange * s_k).all())
+        return [(0, s_k)] * batch if one_per_row else None  # else: packed sequences (cu_seq_lens_*)
+    m = lay.mask_k
+    lens = m.sum(1)
+    first = m.to(torch.int8).argmax(1)
+    run = torch.arange(s_k, device=m.device)[None, :]
+    contiguous = (m == ((run >= first[:, None]) & (run < (first + lens)[:, None]))).all()
+    if not bool(contiguous):
+        return None
+    return [(int(a), int(a) + int(n)) for a, n in zip(first.tolist(), lens.tolist())]
+
+
+def _attend_rows(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    rows: list[tuple[int, int]],
+    mask_k: Tensor | None,
+    *,
+    block_size: int,
+    topk: int,
+    sink_blocks: int,
+    scale: float,
+    full_layer: bool,
+    backend: str,
+    cache_keys: Tensor | None,
+) -> Tensor:
+    """Decode / chunked prefill, one batch row at a time on ``[S, H, D]`` views of the KV cache."""
+    from . import moba_attention
+
+    batch, h_q, s_q, dim = query.shape
+    s_k = key.shape[2]
+    out = query.new_zeros(batch, s_q, h_q, dim)
+    means = None
+    if not full_layer and cache_keys is not None and hasattr(cache_keys, "_moba_cache_layer"):
+        from .hf_cache import cached_block_means
+
+        lens = torch.tensor([e - a for a, e in rows], device=query.device)
+        cu_k = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        packed = lambda: torch.cat([key[b, :, a:e].transpose(0, 1) for b, (a, e) in enumerate(rows)])  # noqa: E731
+        kbm = cached_block_means(cache_keys, packed, mask_k, cu_k, block_size)
+        if kbm is not None:
+            n_blocks = ((lens + block_size - 1) // block_size).tolist()
+            means = kbm.means().split(n_blocks)
+    for b, (a, e) in enumerate(rows):
+        q0 = max(a, s_k - s_q)  # real query slots: the last of the row's real keys
+        if e <= q0:
+            continue
+        q = query[b, :, q0 - (s_k - s_q) : e - (s_k - s_q)].transpose(0, 1)
+        k, v = key[b, :, a:e].transpose(0, 1), value[b, :, a:e].transpose(0, 1)
+        cu_q = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=query.device)
+        cu_k = torch.tensor([0, k.shape[0]], dtype=torch.int32, device=query.device)
+        lay = _Varlen(cu_q, cu_k, None, None, q.shape[0] == k.shape[0])
+        if full_layer:
+            o = _full_attention(q, k, v, lay, scale)
+        else:
+            o = moba_attention(
+                q=q, k=k, v=v, block_size=block_size, topk=topk, cu_seqlens=cu_q, cu_seqlens_k=cu_k, scale=scale,
+                backend=backend, block_means=None if means is None else means[b], sink_blocks=sink_blocks,
+            )  # fmt: skip
+        out[b, q0 - (s_k - s_q) : e - (s_k - s_q)] = o
+    return out
+
+
 _REGISTERED: dict[str, MoBAAttention] = {}
 
 
@@ -546,7 +627,9 @@ def register_moba(config: MoBAConfig | None = None, name: str = "moba") -> MoBAA
     """Register MoBA with transformers as ``attn_implementation=name`` (idempotent).
 
     Registers both the attention function (``AttentionInterface``) and the padding-mask builder
-    (``AttentionMaskInterface``). ``config`` is the default for models whose ``config`` carries no
+    (``AttentionMaskInterface``), and makes ``generate()`` on such a model use a
+    :class:`~moba_attn.MoBACache` (running key block means) when the caller passes no cache
+    (:func:`moba_attn.hf_cache.use_moba_cache_in_generate`). ``config`` is the default for models whose ``config`` carries no
     ``moba_config``; calling again with a new ``config`` replaces the default.
     """
     from transformers import AttentionInterface
@@ -562,6 +645,9 @@ def register_moba(config: MoBAConfig | None = None, name: str = "moba") -> MoBAA
         fn.default = config
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, moba_attention_mask)
+    from .hf_cache import use_moba_cache_in_generate
+
+    use_moba_cache_in_generate(lambda: set(_REGISTERED))
     return fn
 
 

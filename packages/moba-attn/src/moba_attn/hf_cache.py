@@ -19,6 +19,7 @@ reset, offloading) drops the running means; the next call rebuilds them from the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ class MoBACache(DynamicCache):
 
 def cached_block_means(
     key: Tensor,
-    k_packed: Tensor,
+    k_packed: Callable[[], Tensor],
     mask_k: Tensor | None,
     cu_k: Tensor,
     block_size: int,
@@ -102,7 +103,7 @@ def cached_block_means(
     """The running block means of the cache layer that produced ``key`` (``[B, Hkv, S, D]``), or None.
 
     Brings them up to date with the slots appended since the last call. ``k_packed``/``cu_k`` are this
-    call's unpadded keys; ``mask_k`` is the ``[B, S]`` padding mask (``None``: no padding). Returns
+    call's unpadded keys (a callable: built only when the means are rebuilt); ``mask_k`` is the ``[B, S]`` padding mask (``None``: no padding). Returns
     ``None`` when ``key`` did not come from a :class:`MoBACacheLayer`.
     """
     layer = getattr(key, LAYER_ATTR, None)
@@ -112,7 +113,7 @@ def cached_block_means(
     means = layer.block_means
     seen = layer.means_seen
     if means is None or means.block_size != block_size or means.n_seq != batch or seen > s_k:
-        layer.block_means = KeyBlockMeans.from_keys(k_packed, block_size, cu_k)
+        layer.block_means = KeyBlockMeans.from_keys(k_packed(), block_size, cu_k)
         layer.means_seen = s_k
         return layer.block_means
     if seen < s_k:
@@ -128,3 +129,44 @@ def cached_block_means(
         means.append(new, cu_new)
         layer.means_seen = s_k
     return means
+
+
+_GENERATE_HOOKED: list[bool] = []
+
+
+def use_moba_cache_in_generate(attn_names: Callable[[], set[str]]) -> None:
+    """Make ``generate()`` build a :class:`MoBACache` instead of a ``DynamicCache`` for MoBA models.
+
+    transformers creates the default cache in ``GenerationMixin._prepare_cache_for_generation`` and
+    offers no hook for a custom cache class, so this wraps that method once per process. The wrapper
+    only acts when generate itself created a plain ``DynamicCache`` (no cache passed by the caller, no
+    ``cache_implementation`` other than ``"dynamic"``) for a model whose attention implementation is one
+    of ``attn_names()``; anything else is left untouched. Pass ``past_key_values=DynamicCache(...)`` to
+    opt out. Without it every decode step would recompute all key block means: a read of the whole key
+    cache per layer and step (results are the same, see the module docstring).
+    """
+    if _GENERATE_HOOKED:
+        return
+    from transformers.generation.utils import GenerationMixin
+
+    original = getattr(GenerationMixin, "_prepare_cache_for_generation", None)
+    if original is None:  # a transformers without this method: keep the default cache
+        return
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        given = model_kwargs.get("past_key_values") is not None
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        impl = getattr(getattr(self, "config", None), "_attn_implementation", None)
+        if (
+            not given
+            and type(cache) is DynamicCache
+            and getattr(generation_config, "cache_implementation", None) in (None, "dynamic")
+            and impl in attn_names()
+        ):
+            model_kwargs["past_key_values"] = MoBACache(config=self.config.get_text_config(decoder=True))
+        return result
+
+    _prepare_cache_for_generation.__wrapped__ = original  # type: ignore[attr-defined]
+    GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+    _GENERATE_HOOKED.append(True)

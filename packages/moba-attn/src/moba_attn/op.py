@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from .block_means import KeyBlockMeans
+from .fused_backend import fused_supported
 from .inputs import validate
-from .routing import route
+from .routing import check_block_means, covers_context, route
 
-BACKENDS = ("triton", "flash", "flex", "torch")
+BACKENDS = ("triton", "flash", "flex", "torch", "torch_tiled")
 
 
 def _has(module: str) -> bool:
@@ -36,7 +37,8 @@ def available_backends() -> list[str]:
 
     ``triton`` needs the ``triton`` package and a CUDA GPU (or ``TRITON_INTERPRET=1``); ``flash`` needs
     ``flash-attn`` and a CUDA GPU; ``flex`` needs PyTorch's FlexAttention (forward on CPU, backward only on
-    GPU). Nothing is imported to answer, so this is cheap and initialises no CUDA context.
+    GPU); ``torch_tiled`` (the readable batched-matmul path, any device) always. Nothing is imported to
+    answer, so this is cheap and initialises no CUDA context.
     """
     names = []
     if _triton_runs_here():
@@ -45,7 +47,7 @@ def available_backends() -> list[str]:
         names.append("flash")
     if _flex_exists():
         names.append("flex")
-    names.append("torch")
+    names += ["torch", "torch_tiled"]
     return names
 
 
@@ -96,7 +98,9 @@ def moba_attention(
             positions (decode, chunked prefill): the result equals full-sequence MoBA at those positions.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (triton > flash > flex > torch where available and applicable; always
-            ``"torch"`` on CPU) or one of :func:`available_backends`.
+            ``"torch"`` on CPU) or one of :func:`available_backends`. ``"torch"`` runs PyTorch's fused
+            CPU flash-attention kernel on views of K/V (:mod:`moba_attn.fused_backend`) on CPU, and the
+            batched-matmul ``"torch_tiled"`` path (:mod:`moba_attn.torch_backend`) on other devices.
         return_lse: also return the log-sum-exp.
         block_means: optional precomputed mean key per block, ``[NBLK, Hkv, D]`` fp32 in packed block
             order (every sequence's ``ceil(len_k / block_size)`` blocks in turn), or a
@@ -117,12 +121,17 @@ def moba_attention(
         log of ``sum exp(scale * q . k)`` over the attended keys (differentiable).
     """
     layout, scale = validate(q, k, v, block_size, topk, cu_seqlens, cu_seqlens_k, scale, sink_blocks)
+    # a topk above the longest sequence's block count changes nothing: clamp it (and the sinks with it)
+    topk = min(topk, max(1, -(-layout.max_len_k // block_size)))
+    sink_blocks = min(sink_blocks, topk - 1)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"moba: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if isinstance(block_means, KeyBlockMeans):
         block_means = block_means.means()
+    if block_means is not None:
+        check_block_means(block_means, k, layout)
     name = _auto(q) if backend == "auto" else backend
-    if name != "torch" and name not in available_backends():
+    if name not in ("torch", "torch_tiled") and name not in available_backends():
         raise RuntimeError(
             f"moba: backend {name!r} is not available here (available: {available_backends()}); "
             f"install the extra (pip install 'moba-attn[{name}]'), use a CUDA device, or pass backend='auto'"
@@ -132,22 +141,35 @@ def moba_attention(
         lse = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
         return (o, lse) if return_lse else o
 
+    select = None
+    if name == "triton":
+        from .triton_backend import gate_topk_triton as select
+    fused = name == "torch" and fused_supported(q)
+    if fused and covers_context(layout, topk):
+        # every query attends every earlier block: plain causal attention, no gate
+        from .fused_backend import dense_causal_fused
+
+        o, lse = dense_causal_fused(q, k, v, layout, scale)
+        return (o, lse) if return_lse else o
+    routing = route(q, k, layout, topk, block_means, sink_blocks, select=select)
     if name == "triton":
         from .triton_backend import moba_attention_triton
 
-        o, lse = moba_attention_triton(q, k, v, layout, topk, scale, block_means, sink_blocks, deterministic)
+        o, lse = moba_attention_triton(q, k, v, routing, scale, deterministic)
+    elif fused:
+        from .fused_backend import moba_attention_fused
+
+        o, lse = moba_attention_fused(q, k, v, routing, scale)
+    elif name in ("torch", "torch_tiled"):
+        from .torch_backend import moba_attention_torch
+
+        o, lse = moba_attention_torch(q, k, v, routing, scale)
+    elif name == "flex":
+        from .flex_backend import moba_attention_flex
+
+        o, lse = moba_attention_flex(q, k, v, routing, scale)
     else:
-        routing = route(q, k, layout, topk, block_means, sink_blocks)
-        if name == "torch":
-            from .torch_backend import moba_attention_torch
+        from .flash_backend import moba_attention_flash
 
-            o, lse = moba_attention_torch(q, k, v, routing, scale)
-        elif name == "flex":
-            from .flex_backend import moba_attention_flex
-
-            o, lse = moba_attention_flex(q, k, v, routing, scale)
-        else:
-            from .flash_backend import moba_attention_flash
-
-            o, lse = moba_attention_flash(q, k, v, routing, scale)
+        o, lse = moba_attention_flash(q, k, v, routing, scale)
     return (o, lse) if return_lse else o

@@ -25,6 +25,7 @@ Blocks are numbered globally over the packed batch: sequence ``s`` owns blocks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ from .inputs import Layout
 
 # Rows x blocks x heads of gate scores computed at once; bounds the gate's scratch memory (~64 MiB fp32).
 _GATE_CHUNK_ELEMS = 1 << 24
+# Up to this many sequences, block means are strided per-sequence sums (else one index_add_).
+_FEW_SEQUENCES = 16
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,31 @@ class QueryInfo:
 
 
 def key_block_means(k: Tensor, layout: Layout, table: BlockTable) -> Tensor:
-    """Mean key of every global block, ``[NBLK, Hkv, D]`` fp32 (partial last blocks: mean of what exists)."""
-    tk = k.shape[0]
+    """Mean key of every global block, ``[NBLK, Hkv, D]`` fp32 (partial last blocks: mean of what exists).
+
+    Few sequences (prefill of a batch, a decode step): a strided sum over each sequence's block view,
+    which reads ``k`` once in place whatever its strides (a KV cache view is not copied). Many short
+    sequences: one ``index_add_`` over all keys.
+    """
     dev = k.device
-    seq = torch.repeat_interleave(torch.arange(layout.n_seq, device=dev), layout.len_k, output_size=tk)
-    pos = torch.arange(tk, device=dev) - layout.cu_k[seq]
-    blk = table.block_offset[seq] + pos // layout.block_size
+    bs = layout.block_size
     sums = torch.zeros(table.n_blocks, k.shape[1], k.shape[2], dtype=torch.float32, device=dev)
-    sums.index_add_(0, blk, k.detach().float())
+    if layout.n_seq <= _FEW_SEQUENCES:
+        cu_k, boff = layout.cu_k.tolist(), table.block_offset.tolist()
+        for s in range(layout.n_seq):
+            ks = k[cu_k[s] : cu_k[s + 1]].detach()
+            full = ks.shape[0] // bs
+            if full:
+                sums[boff[s] : boff[s] + full] = (
+                    ks[: full * bs].unflatten(0, (full, bs)).sum(1, dtype=torch.float32)
+                )
+            if ks.shape[0] > full * bs:
+                sums[boff[s] + full] = ks[full * bs :].sum(0, dtype=torch.float32)
+    else:
+        tk = k.shape[0]
+        seq = torch.repeat_interleave(torch.arange(layout.n_seq, device=dev), layout.len_k, output_size=tk)
+        pos = torch.arange(tk, device=dev) - layout.cu_k[seq]
+        sums.index_add_(0, table.block_offset[seq] + pos // bs, k.detach().float())
     return sums / table.block_len.clamp(min=1).to(torch.float32)[:, None, None]
 
 
@@ -143,11 +163,11 @@ def select_blocks(
             if sink_blocks:
                 scores.masked_fill_((ok & sink[None, :])[:, None, :], float("inf"))
             n_ok = ok.sum(-1)  # [rows] earlier blocks available
-            for j in range(n_sel):
-                best = scores.argmax(-1)  # first maximum: ties go to the earlier block
-                valid = (n_ok > j)[:, None]
-                sel[r0:r1, :, j] = torch.where(valid, best + b0, -1)
-                scores.scatter_(-1, best[..., None], float("-inf"))
+            # one stable descending sort: equal scores keep block order, so ties go to the earlier block
+            take = min(n_sel, b1 - b0)
+            best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :take]
+            valid = torch.arange(take, device=q.device)[None, :] < n_ok[:, None]  # [rows, take]
+            sel[r0:r1, :, :take] = torch.where(valid[:, None, :], best + b0, -1)
     return sel
 
 
@@ -168,16 +188,41 @@ class Routing:
 def gate_means(
     q: Tensor, k: Tensor, layout: Layout, table: BlockTable, block_means: Tensor | None = None
 ) -> Tensor:
-    """The fp32 key block means the gate scores against: given (checked) or computed from ``k``."""
+    """The fp32 key block means the gate scores against: given (checked by :func:`check_block_means`) or
+    computed from ``k``."""
     if block_means is None:
         return key_block_means(k, layout, table)
-    want = (table.n_blocks, k.shape[1], k.shape[2])
+    return block_means.to(device=q.device, dtype=torch.float32)
+
+
+def check_block_means(block_means: Tensor, k: Tensor, layout: Layout) -> None:
+    """Raise unless ``block_means`` is a float ``[NBLK, Hkv, D]`` tensor, one row per key block."""
+    n_blocks = int(((layout.len_k + layout.block_size - 1) // layout.block_size).sum())
+    if not isinstance(block_means, Tensor):
+        raise TypeError(
+            f"moba: block_means must be a torch.Tensor or a KeyBlockMeans, got {type(block_means).__name__}"
+        )
+    if not block_means.is_floating_point():
+        raise ValueError(
+            f"moba: block_means must be floating point (mean keys, fp32 preferred), got dtype {block_means.dtype}; "
+            "an integer tensor would truncate the means and change the routing"
+        )
+    want = (n_blocks, k.shape[1], k.shape[2])
     if tuple(block_means.shape) != want:
         raise ValueError(
             f"moba: block_means must be [NBLK, Hkv, D] = {list(want)} (one row per key block of "
             f"every sequence, ceil(len_k / block_size) each); got {list(block_means.shape)}"
         )
-    return block_means.to(device=q.device, dtype=torch.float32)
+
+
+def covers_context(layout: Layout, topk: int) -> bool:
+    """Whether ``topk`` blocks cover every sequence, so that MoBA is exactly causal attention."""
+    bs = layout.block_size
+    return (layout.max_len_k + bs - 1) // bs <= topk
+
+
+#: A gate + top-k implementation: ``(q, means, layout, table, info, topk, sink_blocks) -> selected``.
+Selector = Callable[[Tensor, Tensor, Layout, BlockTable, QueryInfo, int, int], Tensor]
 
 
 def route(
@@ -187,13 +232,18 @@ def route(
     topk: int,
     block_means: Tensor | None = None,
     sink_blocks: int = 0,
+    select: Selector | None = None,
 ) -> Routing:
-    """Build the block table, the gate and the selection for one call."""
+    """Build the block table, the gate and the selection for one call: the one routing every backend gets.
+
+    ``select`` replaces :func:`select_blocks` with an implementation of the same rule (the Triton
+    backend's fused gate kernel, tested against it).
+    """
     table = BlockTable.build(layout)
     info = QueryInfo.build(layout, table)
     if topk > 1:
         means = gate_means(q, k, layout, table, block_means)
-        selected = select_blocks(q, means, layout, table, info, topk, sink_blocks)
+        selected = (select or select_blocks)(q, means, layout, table, info, topk, sink_blocks)
     else:
         selected = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     return Routing(layout, table, info, selected)
@@ -230,30 +280,3 @@ class RoutedPairs:
         start = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=sel.device)
         start[1:] = torch.cumsum(counts, 0)
         return RoutedPairs(slot, q_row, group, start)
-
-
-@dataclass(frozen=True)
-class SelfBlocks:
-    """Key blocks that contain queries, with the queries laid out by their offset inside the block.
-
-    ``q_index[b, r]`` is the packed query at offset ``r`` of block ``blocks[b]`` (``-1`` if that position is
-    not a query), ``k_index[b, c]`` the packed key at offset ``c`` (``-1`` past the end). Attention inside
-    such a block is causal in the offsets: query ``r`` sees keys ``c <= r``.
-    """
-
-    blocks: Tensor  # [NBQ]
-    q_index: Tensor  # [NBQ, block_size]
-    k_index: Tensor  # [NBQ, block_size]
-
-    @staticmethod
-    def build(routing: Routing) -> SelfBlocks:
-        bs = routing.layout.block_size
-        info, table = routing.info, routing.table
-        dev = info.pos.device
-        blocks, inverse = torch.unique(info.own_block, sorted=True, return_inverse=True)
-        q_index = torch.full((blocks.numel(), bs), -1, dtype=torch.int64, device=dev)
-        q_index[inverse, info.pos % bs] = torch.arange(info.pos.numel(), device=dev)
-        offs = torch.arange(bs, device=dev)
-        k_index = table.block_start[blocks, None] + offs[None, :]
-        k_index = torch.where(offs[None, :] < table.block_len[blocks, None], k_index, -1)
-        return SelfBlocks(blocks, q_index, k_index)

@@ -1,6 +1,7 @@
-"""Pure-PyTorch MoBA: the CPU path and the fallback everywhere (Lu et al. 2025, Sec. 2.3 / Algorithm 1).
+"""Tiled pure-PyTorch MoBA (``backend="torch_tiled"``): the readable baseline, and ``"torch"`` off CPU.
 
-The paper's algorithm without a ``[T, T]`` anything:
+Lu et al. 2025, Sec. 2.3 / Algorithm 1, as batched matmuls on the tiles of :mod:`moba_attn.tiles`,
+without a ``[T, T]`` anything (on CPU, ``"torch"`` runs :mod:`moba_attn.fused_backend` instead):
 
 1. *Self blocks*: every key block that holds queries attends to itself causally, all blocks at once as one
    batched matmul ``[blocks, Hkv, group * block, block]`` (query heads of a GQA group are stacked as rows,
@@ -17,60 +18,15 @@ Matmuls run in fp32 whatever the input dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .merge import merge_partials
-from .routing import RoutedPairs, Routing, SelfBlocks
+from .routing import Routing
+from .tiles import TilePlan
 
 # Score elements per chunk (64 MiB of fp32); a few such buffers live at once in the backward pass.
 _SCRATCH_ELEMS = 1 << 24
-
-
-@dataclass(frozen=True)
-class TorchPlan:
-    """Index tensors for one call, built once and reused by the backward pass."""
-
-    self_blocks: SelfBlocks
-    pairs: RoutedPairs
-    tile_pairs: Tensor  # [n_tiles, tile_rows] index into the pairs, -1 = padding
-    tile_keys: Tensor  # [n_tiles, block_size] index into k.view(Tk * Hkv, D)
-    n_selected: int
-    tq: int
-    hq: int
-
-    @staticmethod
-    def build(routing: Routing, hkv: int, tile_rows: int | None = None) -> TorchPlan:
-        bs = routing.layout.block_size
-        tq, hq, ns = routing.selected.shape
-        pairs = RoutedPairs.build(routing, hkv)
-        dev = routing.selected.device
-        counts = pairs.group_start[1:] - pairs.group_start[:-1]
-        if tile_rows is None:
-            # Tiles as tall as the busiest (kv head, block) group needs, up to min(block, 512) rows: a
-            # decode step routes one query per group, and a 512-row tile would be 511 rows of padding.
-            busiest = int(counts.max()) if counts.numel() else 1
-            rows = max(1, min(bs, 512, 1 << max(busiest - 1, 0).bit_length()))
-        else:
-            rows = tile_rows
-        tiles_per_group = (counts + rows - 1) // rows
-        n_tiles = int(tiles_per_group.sum())
-        tile_offset = torch.cumsum(tiles_per_group, 0) - tiles_per_group
-        idx = torch.arange(pairs.slot.numel(), device=dev)
-        in_group = idx - pairs.group_start[pairs.group]
-        tile = tile_offset[pairs.group] + in_group // rows
-        tile_pairs = torch.full((n_tiles, rows), -1, dtype=torch.int64, device=dev)
-        tile_pairs[tile, in_group % rows] = idx
-        tile_group = torch.repeat_interleave(
-            torch.arange(counts.numel(), device=dev), tiles_per_group, output_size=n_tiles
-        )
-        nblk = routing.table.n_blocks
-        head, blk = tile_group // max(nblk, 1), tile_group % max(nblk, 1)
-        keys = routing.table.block_start[blk, None] + torch.arange(bs, device=dev)[None, :]
-        tile_keys = keys * hkv + head[:, None]
-        return TorchPlan(SelfBlocks.build(routing), pairs, tile_pairs, tile_keys, ns, tq, hq)
 
 
 def _pad_rows(x: Tensor, fill: float = 0.0) -> Tensor:
@@ -103,7 +59,7 @@ def _causal(bs: int, grp: int, device: torch.device, first_row: int = 0) -> Tens
     return torch.ones(bs, bs, dtype=torch.bool, device=device).tril()[first_row:].repeat(grp, 1)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, plan: TorchPlan, scale: float) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float) -> tuple[Tensor, Tensor]:
     tq, hq, d = q.shape
     hkv = k.shape[1]
     grp = hq // hkv
@@ -156,7 +112,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: TorchPlan, scale: float) -> 
 
 
 def _routed_tiles(
-    q_flat: Tensor, k: Tensor, v: Tensor, o_r: Tensor, lse_r: Tensor, plan: TorchPlan, scale: float
+    q_flat: Tensor, k: Tensor, v: Tensor, o_r: Tensor, lse_r: Tensor, plan: TilePlan, scale: float
 ):
     """Routed blocks as padded tiles of ``tile_rows`` gathered rows, many tiles per batched matmul."""
     d = q_flat.shape[1]
@@ -189,7 +145,7 @@ def _backward(
     lse: Tensor,
     do: Tensor,
     dlse: Tensor | None,
-    plan: TorchPlan,
+    plan: TilePlan,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     tq, hq, d = q.shape
@@ -261,7 +217,7 @@ def _backward(
 
 class _MobaTorchFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TorchPlan, scale: float):  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float):  # type: ignore[override]
         o, lse = _forward(q, k, v, plan, scale)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -279,5 +235,5 @@ def moba_attention_torch(
     q: Tensor, k: Tensor, v: Tensor, routing: Routing, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Torch backend on a precomputed routing: ``o [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` fp32."""
-    plan = TorchPlan.build(routing, k.shape[1])
+    plan = TilePlan.build(routing, k.shape[1])
     return _MobaTorchFn.apply(q, k, v, plan, scale)

@@ -1,6 +1,6 @@
 """MoBA on Triton: fused gate + top-k, block-sparse attention with online softmax, and its backward.
 
-The tile layout is the torch backend's (:class:`moba_attn.torch_backend.TorchPlan`): own blocks are
+The tile layout is the torch backend's (:class:`moba_attn.tiles.TilePlan`): own blocks are
 causal tiles (rows = offsets in the block, one query head per tile), routed blocks are tiles of gathered
 (query, head) rows that chose the same (kv head, block). Each tile attends one contiguous key range of
 one kv head, so K/V are read in place (no GQA copies). Partial outputs are merged by LSE
@@ -28,8 +28,8 @@ from torch import Tensor
 from . import triton_kernels as kern
 from .inputs import Layout
 from .merge import merge_partials
-from .routing import BlockTable, QueryInfo, Routing, gate_means
-from .torch_backend import TorchPlan
+from .routing import BlockTable, QueryInfo, Routing
+from .tiles import TilePlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Rows of gathered queries per routed tile.
@@ -207,7 +207,7 @@ class _KeyGroups:
     kvh: Tensor
 
     @staticmethod
-    def build(tp: TorchPlan, table: BlockTable, hq: int, hkv: int, tk: int) -> _KeyGroups:
+    def build(tp: TilePlan, table: BlockTable, hq: int, hkv: int, tk: int) -> _KeyGroups:
         nblk = table.n_blocks
         blocks = tp.self_blocks.blocks
         dev = blocks.device
@@ -217,7 +217,7 @@ class _KeyGroups:
         self_idx[blocks] = torch.arange(blocks.numel(), device=dev)
         si = self_idx[b]
         self_t0 = torch.where(si >= 0, si * hq + hk * (hq // hkv), -1)
-        # TorchPlan numbers routed tiles group by group in this same g order, ceil(pairs / rows) each
+        # TilePlan numbers routed tiles group by group in this same g order, ceil(pairs / rows) each
         counts = tp.pairs.group_start[1:] - tp.pairs.group_start[:-1]
         routed_n = (counts + _ROWS - 1) // _ROWS
         routed_t0 = torch.cumsum(routed_n, 0) - routed_n
@@ -246,7 +246,7 @@ class _Plan:
 def _plan(routing: Routing, hq: int, hkv: int, tk: int, deterministic: bool) -> _Plan:
     grp = hq // hkv
     tq, ns, bs = routing.selected.shape[0], routing.n_selected, routing.layout.block_size
-    tp = TorchPlan.build(routing, hkv, tile_rows=_ROWS)
+    tp = TilePlan.build(routing, hkv, tile_rows=_ROWS)
     sb = tp.self_blocks
     dev = sb.q_index.device
     heads = torch.arange(hq, device=dev)
@@ -383,27 +383,19 @@ def moba_attention_triton(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    layout: Layout,
-    topk: int,
+    routing: Routing,
     scale: float,
-    block_means: Tensor | None,
-    sink_blocks: int = 0,
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Triton backend: ``o [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` fp32.
+    """Triton backend on a precomputed routing: ``o [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` fp32.
+
+    The routing comes from :func:`moba_attn.routing.route` like every backend's; on this backend the
+    op passes :func:`gate_topk_triton` (the fused gate kernel) as its selector.
 
     ``deterministic`` makes the backward bitwise reproducible (no fp32 atomics): dK/dV are summed by one
     program per (kv head, key block, key chunk) over the tiles that attend it in a fixed order, and dQ
     partials (one per routed slot, an extra ``[Tq * Hq * (topk - 1), D]`` fp32 buffer) are summed in slot
     order. It costs parallelism where many queries share a block (sink blocks above all).
     """
-    table = BlockTable.build(layout)
-    info = QueryInfo.build(layout, table)
-    if topk > 1:
-        means = gate_means(q, k, layout, table, block_means)
-        sel = gate_topk_triton(q, means, layout, table, info, topk, sink_blocks)
-    else:
-        sel = torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
-    routing = Routing(layout, table, info, sel)
     plan = _plan(routing, q.shape[1], k.shape[1], k.shape[0], deterministic)
     return _MobaTritonFn.apply(q, k, v, plan, scale)
