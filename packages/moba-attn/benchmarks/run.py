@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchkit
+import efficiency
 import kernel_speed
 import lm_quality
 import pretrained
@@ -47,6 +48,7 @@ def profile_settings(profile: str, device: torch.device) -> dict:
             if cuda
             else lm_quality.LMSettings(),
             pretrained=pretrained.profile("full"),
+            efficiency=efficiency.profile("full"),
         )
     if profile in ("quick", "smoke"):  # seconds: checks that every code path runs
         return dict(
@@ -60,6 +62,7 @@ def profile_settings(profile: str, device: torch.device) -> dict:
                 steps=6, context=128, batch=2, block_size=16, topk=2, eval_windows=4, seeds=(0,)
             ),
             pretrained=pretrained.profile("quick"),
+            efficiency=efficiency.profile("quick"),
         )
     # default: sized to budget.json (about 10 min on a quiet 2-core CPU, all three sections); the 4K
     # and 16K points and more repeats are in --profile full
@@ -75,6 +78,7 @@ def profile_settings(profile: str, device: torch.device) -> dict:
         # with the same share of keys kept (block 32 / top-3: 96 of 256 at the last position)
         lm=lm_quality.LMSettings(context=256, batch=4, block_size=32, topk=3),
         pretrained=pretrained.profile("default"),
+        efficiency=efficiency.profile("default"),
     )
 
 
@@ -128,6 +132,119 @@ def speed_section(
         plots=plots,
         notes=notes,
     )
+
+
+def efficiency_sections(eff: dict, plot: str) -> list[benchkit.Section]:
+    s = eff["settings"]
+    cpu = benchkit.environment().get("cpu", "")
+    op_rows = [
+        [r["mode"], r["T"], r["heads"], r["threads"], r["contender"], round(r["median_ms"], 1),
+         f"{100 * r['spread']:.0f}%", round(r["speedup_vs_sdpa"], 2), round(r["ideal_speedup"], 1)]
+        for r in eff["op"]
+    ]  # fmt: skip
+    notes = [
+        f"CPU: {cpu}. fp32, B=1, D={s['head_dim']}, MoBA block {s['block_size']} / top-{s['topk']}, causal; "
+        "moba = backend 'torch' (the fused CPU path); SDPA = F.scaled_dot_product_attention(is_causal=True, "
+        "enable_gqa) = PyTorch's fused CPU flash kernel. Medians of interleaved runs in one process.",
+        "1-thread rows are the ones to compare: with 2 threads on a shared 2-core machine OpenMP threads can starve "
+        "each other, so 2-thread rows say what this machine gave, not what the code can do.",
+    ]
+    notes += [f"Not measured (section budget): {x}" for x in eff["skipped"]]
+    sections = [
+        benchkit.Section(
+            title="Efficiency (CPU): MoBA op vs SDPA causal",
+            description="Median ms per call; ideal = SDPA FLOPs / MoBA FLOPs (attended pairs plus the gate).",
+            columns=[
+                "mode",
+                "T",
+                "heads q/kv",
+                "threads",
+                "contender",
+                "median ms",
+                "spread",
+                "speedup vs SDPA",
+                "ideal",
+            ],
+            rows=op_rows,
+            plots=[plot],
+            notes=notes,
+        ),
+        benchkit.Section(
+            title="Efficiency (CPU): peak extra memory of one call (fresh process per point)",
+            description="RSS growth over the inputs, sampled every ms (kernel_speed.PeakMemory), 1 thread.",
+            columns=["mode", "T", "heads q/kv", "contender", "peak MiB", "vs SDPA"],
+            rows=[
+                [
+                    r["mode"],
+                    r["T"],
+                    r["heads"],
+                    r["contender"],
+                    round(r["peak_mib"], 1),
+                    round(r["vs_sdpa"], 2),
+                ]
+                for r in eff["memory"]
+            ],
+        ),
+        benchkit.Section(
+            title="Efficiency (CPU): one decode step, one layer, 1 thread",
+            description=(
+                "op: moba_attention on a contiguous packed [B*S, H, D] cache with KeyBlockMeans vs SDPA on [B, H, S, D]; "
+                "attention fn: MoBAAttention (the transformers drop-in) on a MoBACacheLayer's own [B, H, S, D] tensors "
+                "vs transformers' sdpa_attention_forward on a DynamicLayer's. Cache appends are not timed."
+            ),
+            columns=["level", "S", "B", "heads q/kv", "SDPA ms", "MoBA ms", "speedup", "ideal"],
+            rows=[
+                [
+                    r["level"],
+                    r["S"],
+                    r["B"],
+                    r["heads"],
+                    round(r["sdpa_ms"], 2),
+                    round(r["moba_ms"], 2),
+                    round(r["speedup"], 2),
+                    round(r["ideal"], 1),
+                ]
+                for r in eff["decode"]
+            ],
+        ),
+    ]
+    if eff["generate"]:
+        m = eff["model"]
+        sections.append(
+            benchkit.Section(
+                title="Efficiency (CPU): generate() token rate of a small Llama, 1 thread",
+                description=(
+                    f"Random-weight Llama, {m['layers']} layers, hidden {m['hidden']}, heads {m['heads']}, head dim "
+                    f"{m['head_dim']} ({m['params'] / 1e6:.1f}M parameters), fp32. Both models decode from the same "
+                    "prefilled cache (prompt minus its last token, prefilled once with MoBA): SDPA from a DynamicCache "
+                    "copy, MoBA from the MoBACache copy; generate(max_new_tokens=n), greedy."
+                ),
+                columns=[
+                    "S",
+                    "B",
+                    "tokens",
+                    "SDPA ms/token",
+                    "MoBA ms/token",
+                    "SDPA tokens/s",
+                    "MoBA tokens/s",
+                    "speedup",
+                ],
+                rows=[
+                    [
+                        r["S"],
+                        r["B"],
+                        r["tokens"],
+                        round(r["sdpa_ms_per_token"], 1),
+                        round(r["moba_ms_per_token"], 1),
+                        round(r["sdpa_tokens_per_s"], 2),
+                        round(r["moba_tokens_per_s"], 2),
+                        round(r["speedup"], 2),
+                    ]
+                    for r in eff["generate"]
+                ],
+            )
+        )
+    return sections
 
 
 def quality_section(q: dict, s: lm_quality.LMSettings, summary: list[dict], plot: str) -> benchkit.Section:
@@ -238,7 +355,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--profile", default="default", choices=("quick", "default", "full", "smoke"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--skip", choices=("speed", "quality", "pretrained"), action="append", default=[])
+    ap.add_argument(
+        "--skip", choices=("speed", "efficiency", "quality", "pretrained"), action="append", default=[]
+    )
     ap.add_argument(
         "--cache-dir",
         type=Path,
@@ -279,7 +398,12 @@ def main() -> None:
     result.extra["overrides"] = {"max_t": args.max_t, "lm_steps": args.lm_steps, "seeds": args.seeds}
     budget_profile = "quick" if args.profile == "smoke" else args.profile
     runner = benchkit.Runner(result, benchkit.load_budgets(Path(__file__).parent, budget_profile))
-    skipped = {"speed": "kernel speed", "quality": "small-LM quality", "pretrained": "pretrained model"}
+    skipped = {
+        "speed": "kernel speed",
+        "efficiency": "efficiency (CPU)",
+        "quality": "small-LM quality",
+        "pretrained": "pretrained model",
+    }
     runner.plan(skipped=[skipped[x] for x in args.skip])
 
     def finish() -> None:
@@ -310,6 +434,18 @@ def main() -> None:
                 section.notes.append(f"Not timed (section budget): T = {speed['skipped_lengths']}.")
             result.sections.append(section)
             result.extra["speed_rows"] = speed["rows"]
+        finish()
+    if "efficiency" not in args.skip:
+        with runner.section("efficiency (CPU)") as clock:
+            if device.type != "cpu":
+                clock.stop("CPU-only section (the fused CPU path); the kernel speed section covers CUDA")
+            else:
+                eff = efficiency.run_efficiency(p["efficiency"], clock.progress, over=clock.over)
+                if eff["skipped"]:
+                    clock.stop(f"{len(eff['skipped'])} point(s) not measured")
+                plot = efficiency.plot_efficiency(eff, out_dir, PREFIX)
+                result.sections.extend(efficiency_sections(eff, plot))
+                result.extra["efficiency"] = eff
         finish()
     if "quality" not in args.skip:
         with runner.section("small-LM quality") as clock:
@@ -365,6 +501,34 @@ def headline(result: benchkit.Result) -> benchkit.Section:
                     f"{r['speedup_vs_sdpa']:.2f}x",
                     f"ideal (FLOP ratio) {r['ideal_speedup']:.1f}x",
                 )
+    eff = result.extra.get("efficiency")
+    if eff:
+        targets = {
+            ("forward", 32768): ">= 6x",
+            ("forward", 16384): ">= 3x",
+            ("forward+backward", 16384): ">= 3.5x",
+        }
+        for r in eff["op"]:
+            if r["contender"] == "moba" and r["threads"] == 1 and r["heads"] == eff["op"][0]["heads"]:
+                want = targets.get((r["mode"], r["T"]))
+                if want:
+                    lines.append([f"{r['mode']} vs SDPA at T={r['T']}, 1 thread", "moba (fused CPU)",
+                                  f"{r['speedup_vs_sdpa']:.2f}x", f"ideal {r['ideal_speedup']:.1f}x"])  # fmt: skip
+                    result.add_headline(f"MoBA {r['mode']} vs SDPA at T={r['T']} (1 thread)",
+                                        f"{r['speedup_vs_sdpa']:.2f}x", want)  # fmt: skip
+        for r in eff["memory"]:
+            if r["contender"] == "moba" and r["mode"] == "forward+backward":
+                result.add_headline(f"MoBA fwd+bwd peak memory vs SDPA at T={r['T']}",
+                                    f"{r['vs_sdpa']:.2f}x ({r['peak_mib']:.0f} MiB)", "<= 1.5x")  # fmt: skip
+        for r in eff["decode"]:
+            if r["level"] == "attention fn":
+                result.add_headline(f"MoBAAttention decode step vs SDPA, S={r['S']} B={r['B']}",
+                                    f"{r['speedup']:.2f}x ({r['moba_ms']:.2f} vs {r['sdpa_ms']:.2f} ms)",
+                                    "> 1x at 16K and 32K")  # fmt: skip
+        for r in eff["generate"]:
+            result.add_headline(f"small Llama generate() vs SDPA, S={r['S']} B={r['B']}",
+                                f"{r['speedup']:.2f}x ({r['moba_tokens_per_s']:.2f} vs {r['sdpa_tokens_per_s']:.2f} tokens/s)",
+                                "> 1x at 16K and 32K")  # fmt: skip
     for r in result.extra.get("quality_summary", []):
         if r["evaluated"] == r["trained"] and r["trained"] != "full":
             lines.append(

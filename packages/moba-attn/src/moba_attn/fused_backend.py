@@ -42,6 +42,10 @@ _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# Query rows per own-block call: the kernel allocates its outputs (and, backward, three gradients) per
+# call, so complete blocks go in calls of at most this many rows, not one call for the whole sequence.
+_SPAN_ROWS = 4096
+
 
 def fused_supported(q: Tensor) -> bool:
     """Whether the fused CPU kernel takes these inputs (CPU tensors of a float dtype it implements)."""
@@ -89,8 +93,9 @@ class FusedPlan:
 def own_spans(layout: Layout, block: int) -> list[_Span]:
     """The own-block calls of every sequence; ``block`` may be the whole sequence (dense causal).
 
-    A block whose first queries are not its first keys (decode, chunked prefill) is two calls with no
-    mask: its keys before the first query, which every query sees, and the causal square after.
+    Complete blocks go ``_SPAN_ROWS // block`` to a call. A block whose first queries are not its first
+    keys (decode, chunked prefill) is two calls with no mask: its keys before the first query, which
+    every query sees, and the causal square after.
     """
     spans: list[_Span] = []
     cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
@@ -101,8 +106,8 @@ def own_spans(layout: Layout, block: int) -> list[_Span]:
         while pos < lk:
             b0 = pos // block * block  # start of the block holding position ``pos``
             row = cu_q[s] + pos - first
-            if pos == b0 and lk - pos >= block:  # complete blocks holding only queries: one causal call
-                n = (lk - pos) // block
+            if pos == b0 and lk - pos >= block:  # complete blocks holding only queries: causal calls
+                n = min((lk - pos) // block, max(1, _SPAN_ROWS // block))
                 spans.append(_Span(row, cu_k[s] + b0, n, block, block, True))
                 pos += n * block
                 continue
@@ -270,3 +275,78 @@ def dense_causal_fused(
     spans = own_spans(layout, max(1, layout.max_len_k))
     plan = FusedPlan(spans, [], q.new_empty(0, dtype=torch.int64))
     return _MobaFusedFn.apply(q, k, v, plan, scale)
+
+
+# Up to this many sequences, a call whose every sequence has one query runs :func:`decode_steps`.
+_DECODE_SEQUENCES = 16
+
+
+def decode_applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> bool:
+    """A decode step without autograd: one query per sequence, few sequences, nothing needing a gradient."""
+    if layout.n_seq > _DECODE_SEQUENCES or q.shape[0] != layout.n_seq or not fused_supported(q):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False  # the kernel's log-sum-exp output has no gradient; the planned path has one
+    return bool((layout.len_q == 1).all())
+
+
+def decode_steps(
+    q: Tensor, k: Tensor, v: Tensor, layout: Layout, topk: int, scale: float, means: Tensor, sink_blocks: int
+) -> tuple[Tensor, Tensor]:
+    """One decode step per sequence (each sequence's single query is its last position): ``o, lse``.
+
+    The general path plans for many queries (block tables, pair sorting, group lists: ~1000 small ops);
+    a decode step needs a handful per sequence: the gate against the complete earlier blocks' means, a
+    stable sort (ties to the earlier block, sinks first), one fused-kernel call for the own block (all
+    heads at once) and one per (kv head, chosen block), reading K/V in place, merged by log-sum-exp.
+    ``means`` is the packed ``[NBLK, Hkv, D]`` fp32 block means of all sequences.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    grp = hq // hkv
+    bs = layout.block_size
+    o = torch.empty(q.shape[0], hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device=q.device)
+    cu_k = layout.cu_k.tolist()
+    block0 = 0
+    for s in range(layout.n_seq):
+        k0, lk = cu_k[s], cu_k[s + 1] - cu_k[s]
+        own = (lk - 1) // bs  # own block; blocks 0 .. own - 1 are complete and earlier
+        qs = q[s][None, :, None]  # [1, Hq, 1, D]
+        kv = [x[k0 + own * bs : k0 + lk].transpose(0, 1)[None] for x in (k, v)]  # [1, Hkv, n, D] views
+        oo, lo = _FWD(qs, *kv, 0.0, False, scale=scale)
+        parts_o, parts_l = [oo[0, :, 0]], [lo[0, :, 0]]  # [Hq, D], [Hq]
+        take = min(topk - 1, own)
+        if take > 0:
+            gate = torch.einsum(
+                "hgd,nhd->hgn", qs[0, :, 0].float().view(hkv, grp, d), means[block0 : block0 + own]
+            )
+            if sink_blocks:
+                gate[..., :sink_blocks] = float("inf")
+            chosen = torch.sort(gate, dim=-1, descending=True, stable=True).indices[
+                ..., :take
+            ]  # [Hkv, grp, take]
+            o_r = q.new_zeros(hq, take, d, dtype=torch.float32)
+            l_r = torch.full((hq, take), float("-inf"), dtype=torch.float32, device=q.device)
+            for h, heads in enumerate(chosen.tolist()):
+                by_block: dict[int, list[tuple[int, int]]] = {}
+                for g, blocks in enumerate(heads):
+                    for j, b in enumerate(blocks):
+                        by_block.setdefault(b, []).append((h * grp + g, j))
+                for b, users in by_block.items():
+                    rows = [u[0] for u in users]
+                    kb, vb = (x[k0 + b * bs : k0 + (b + 1) * bs, h][None, None] for x in (k, v))
+                    og, lg = _FWD(qs[0, rows, 0][None, None], kb, vb, 0.0, False, scale=scale)
+                    for i, (row, j) in enumerate(users):
+                        o_r[row, j], l_r[row, j] = og[0, 0, i], lg[0, 0, i]
+            parts_o.append(o_r)
+            parts_l.append(l_r)
+            lse_parts = torch.cat([parts_l[0][:, None], l_r], dim=1)  # [Hq, 1 + take]
+            lse_s = torch.logsumexp(lse_parts, dim=1)
+            w = torch.exp(lse_parts - lse_s[:, None])
+            o[s] = w[:, :1] * parts_o[0].float() + (w[:, 1:, None] * o_r).sum(1)
+            lse[s] = lse_s
+        else:
+            o[s], lse[s] = parts_o[0], parts_l[0]
+        block0 += (lk + bs - 1) // bs
+    return o.to(q.dtype), lse

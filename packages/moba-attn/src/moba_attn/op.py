@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from .block_means import KeyBlockMeans
-from .fused_backend import fused_supported
+from .fused_backend import decode_applies, decode_steps, fused_supported
 from .inputs import validate
-from .routing import check_block_means, covers_context, route
+from .routing import BlockTable, check_block_means, covers_context, key_block_means, route
 
 BACKENDS = ("triton", "flash", "flex", "torch", "torch_tiled")
 
@@ -150,6 +150,13 @@ def moba_attention(
         from .fused_backend import dense_causal_fused
 
         o, lse = dense_causal_fused(q, k, v, layout, scale)
+        return (o, lse) if return_lse else o
+    if fused and decode_applies(q, k, v, layout):
+        # one query per sequence, no autograd: a decode step needs a handful of ops, not a plan
+        means = block_means
+        if means is None and topk > 1:
+            means = key_block_means(k, layout, BlockTable.build(layout))
+        o, lse = decode_steps(q, k, v, layout, topk, scale, means, sink_blocks)
         return (o, lse) if return_lse else o
     routing = route(q, k, layout, topk, block_means, sink_blocks, select=select)
     if name == "triton":

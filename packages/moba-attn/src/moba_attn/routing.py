@@ -33,8 +33,9 @@ from torch import Tensor
 
 from .inputs import Layout
 
-# Rows x blocks x heads of gate scores computed at once; bounds the gate's scratch memory (~64 MiB fp32).
-_GATE_CHUNK_ELEMS = 1 << 24
+# Rows x blocks x heads of gate scores computed at once: bounds the gate's scratch (4 MiB of fp32
+# scores, plus the sort's values and int64 indices: ~16 MiB in all).
+_GATE_CHUNK_ELEMS = 1 << 20
 # Up to this many sequences, block means are strided per-sequence sums (else one index_add_).
 _FEW_SEQUENCES = 16
 
