@@ -8,6 +8,8 @@
     nox -s bench -- --profile full           GPU-scale benchmark settings
     nox -s bench -- --clear-cache            empty .bench-cache/ (converted models, data archives) first
     nox -s build                             wheel + sdist per package, installed and imported
+    nox -s gpu                               the prepared GPU check (at most 8 min on one CUDA GPU)
+    nox -s gpu -- --dry-run                  its plan, CUDA-test collection and CPU checks (CI runs it)
 
 Every install goes through :func:`install`, which applies ``tools/constraints-<device>.txt``: the only
 place where versions are pinned. Packages themselves carry lower bounds only.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +131,32 @@ def install_package(session: nox.Session, package: str, extras: str, device: str
     install(session, "-e", f"{ROOT / 'packages' / package}[{extras}]", device=device)
     for name in NO_DEPS.get(package, []):
         install(session, "--no-deps", name, device=device)
+
+
+def install_prebuilt(session: nox.Session, requirement: str, device: str = "cpu") -> str:
+    """Install ``requirement`` from a prebuilt wheel only, never from source: '' when it went in, else why not.
+
+    For flash-attn, whose source build needs the CUDA toolkit and tens of minutes: the GPU check may use a
+    wheel the registry has for this torch/CUDA, and otherwise runs without it and says so.
+    """
+    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+    python = str(Path(session.virtualenv.location) / "bin" / "python")
+    if session.venv_backend == "uv":
+        argv = ["uv", "pip", "install", "--python", python]
+    else:
+        argv = [python, "-m", "pip", "install"]
+    argv += ["-c", str(constraints(device)), "--only-binary", name, requirement]
+    session.log(" ".join(argv))
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"not installed ({err})"
+    if out.returncode == 0:
+        return ""
+    text = out.stderr + out.stdout
+    why = re.search(r"\S+ has no usable wheels|No matching distribution found for \S+", text)
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1:] or ["no output"]
+    return f"no prebuilt {name} wheel for this torch/CUDA in the registry ({why.group(0) if why else last[0][:200]})"
 
 
 def gpu_present() -> bool:
@@ -342,4 +371,39 @@ def build(session: nox.Session, package: str) -> None:
     session.chdir(session.create_tmp())
     session.run(
         python, "-c", f"import {module}; print({module}.__name__, {module}.__version__)", external=True
+    )
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU check (tools/gpu/run.py): every CUDA test and a short GPU benchmark, in at most 8 min.
+
+    One venv for all four packages (the CUDA profile; flash-attn only from a prebuilt wheel), then the
+    parts with their budgets, writing bench-results/gpu.json and gpu.md. ``-- --dry-run`` needs no GPU:
+    the same install, then the plan, every CUDA-marked test collected and each script's CPU smoke.
+    """
+    started = time.time()  # the check's deadline counts the install
+    dry = "--dry-run" in session.posargs
+    if not dry:
+        skip_without_gpu(session, "cuda")
+    editable = [x for p in PACKAGES for x in ("-e", f"{ROOT / 'packages' / p}[{TEST_EXTRAS[p]}]")]
+    install(session, *editable, device="cuda")
+    for name in (n for p in PACKAGES for n in NO_DEPS.get(p, [])):
+        install(session, "--no-deps", name, device="cuda")
+    flash = install_prebuilt(session, "flash-attn", device="cuda")
+    if flash:
+        session.log(f"flash-attn: {flash}; the flash parts of the check will skip")
+    session.run(
+        "python",
+        str(TOOLS / "gpu" / "run.py"),
+        "--started",
+        f"{started:.1f}",
+        "--install-s",
+        f"{time.time() - started:.1f}",
+        "--flash",
+        flash,
+        "--out",
+        str(RESULTS / "gpu.json"),
+        *session.posargs,
+        env={"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
     )

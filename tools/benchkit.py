@@ -257,7 +257,7 @@ class Runner:
         left = sum(
             b
             for n, b in self.budgets.items()
-            if n not in self.done and (current is None or n != current.name)
+            if n not in self.done and n not in self.skipped and (current is None or n != current.name)
         )
         if current is not None:
             left += max(0.0, current.remaining())

@@ -52,6 +52,7 @@ class EffSettings:
     repeats: int = 3
     baseline_t: int = 4096  # fused vs tiled vs reference vs SDPA at this length
     memory_lengths: list[int] = field(default_factory=lambda: [16384])
+    memory_modes: list[str] = field(default_factory=lambda: ["forward", "forward+backward"])
     decode_lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768])
     decode_batches: list[int] = field(default_factory=lambda: [1, 2])
     generate_lengths: list[int] = field(default_factory=lambda: [16384])
@@ -64,7 +65,8 @@ def profile(name: str) -> EffSettings:
     if name in ("quick", "smoke"):
         return EffSettings(
             fwd_lengths=[2048, 4096], bwd_lengths=[2048], heads=[(4, 4), (8, 2)], threads=[1], head_dim=64,
-            block_size=256, repeats=2, baseline_t=1024, memory_lengths=[2048], decode_lengths=[4096],
+            block_size=256, repeats=2, baseline_t=1024, memory_lengths=[2048], memory_modes=["forward+backward"],
+            decode_lengths=[4096],
             decode_batches=[1, 2], generate_lengths=[2048], generate_tokens=3, model_layers=2,
         )  # fmt: skip
     if name == "full":
@@ -206,7 +208,7 @@ def run_memory(s: EffSettings, progress, over) -> tuple[list[dict], list[str]]:
     hq, hkv = s.heads[0]
     for t in s.memory_lengths:
         covering = -(-t // s.block_size)
-        for mode in ("forward", "forward+backward"):
+        for mode in s.memory_modes:
             for contender, topk in (
                 ("sdpa", 0),
                 ("moba", s.topk),
