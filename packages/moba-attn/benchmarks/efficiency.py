@@ -51,6 +51,7 @@ class EffSettings:
     topk: int = 3
     repeats: int = 3
     baseline_t: int = 4096  # fused vs tiled vs reference vs SDPA at this length
+    covering_max_t: int = 16384  # forward rows up to this length also time a topk that covers T
     memory_lengths: list[int] = field(default_factory=lambda: [16384])
     memory_modes: list[str] = field(default_factory=lambda: ["forward", "forward+backward"])
     decode_lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768])
@@ -101,6 +102,11 @@ def _contenders(q, k, v, s: EffSettings, backward: bool, extra: bool) -> dict[st
         return lambda: moba_attention(q=q, k=k, v=v, block_size=s.block_size, topk=s.topk, backend=backend)
 
     fns: dict[str, Callable[[], Any]] = {"sdpa": lambda: _sdpa(q, k, v), "moba": moba("torch")}
+    if not backward and q.shape[0] <= s.covering_max_t:  # topk covering T: must cost what SDPA costs
+        covering = -(-q.shape[0] // s.block_size)
+        fns[f"moba topk={covering} (covers T)"] = lambda: moba_attention(
+            q=q, k=k, v=v, block_size=s.block_size, topk=covering
+        )
     if extra:
         fns["moba torch_tiled"] = moba("torch_tiled")
         fns["reference"] = lambda: moba_attention_reference(

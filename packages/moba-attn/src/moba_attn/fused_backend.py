@@ -161,9 +161,29 @@ def _merge_into(o_acc: Tensor, lse_acc: Tensor, rows: Tensor, o_g: Tensor, lse_g
     lse_acc[rows] = lse_new
 
 
+def _single_call(plan: FusedPlan, q: Tensor, k: Tensor) -> _Span | None:
+    """The plan's only call when it covers all of ``q`` and ``k`` (dense causal attention of one
+    sequence): then the kernel's own output and gradients are the result, with no accumulators."""
+    if plan.groups or len(plan.spans) != 1:
+        return None
+    sp = plan.spans[0]
+    whole = (
+        sp.q0 == 0
+        and sp.k0 == 0
+        and sp.n_blocks * sp.n_q == q.shape[0]
+        and sp.n_blocks * sp.n_k == k.shape[0]
+    )
+    return sp if whole else None
+
+
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, plan: FusedPlan, scale: float) -> tuple[Tensor, Tensor]:
-    """``o [Tq, Hq, D]`` fp32 and ``lse [Tq, Hq]`` fp32 of MoBA attention as planned."""
+    """``o [Tq, Hq, D]`` (fp32, or q's dtype for a single call) and ``lse [Tq, Hq]`` fp32 as planned."""
     tq, hq, d = q.shape
+    sp = _single_call(plan, q, k)
+    if sp is not None:
+        views = [_view_blocks(x, 0, sp.n_blocks, n) for x, n in ((q, sp.n_q), (k, sp.n_k), (v, sp.n_k))]
+        ob, lb = _FWD(*views, 0.0, sp.causal, scale=scale)
+        return _unview(ob), _unview(lb)
     o = torch.empty(tq, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device)
     for sp in plan.spans:
@@ -225,6 +245,20 @@ def fused_backward(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor | None,
     plan: FusedPlan, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    sp = _single_call(plan, q, k)
+    if sp is not None and (dlse is None or not bool(dlse.any())):
+        views = [
+            _view_blocks(x, 0, sp.n_blocks, n)
+            for x, n in (
+                (do.to(q.dtype), sp.n_q),
+                (q, sp.n_q),
+                (k, sp.n_k),
+                (v, sp.n_k),
+                (o, sp.n_q),
+                (lse, sp.n_q),
+            )
+        ]
+        return tuple(_unview(g) for g in _BWD(*views, 0.0, sp.causal, scale=scale))  # type: ignore[return-value]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
