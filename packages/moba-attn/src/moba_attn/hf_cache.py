@@ -46,6 +46,7 @@ class MoBACacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.block_means: KeyBlockMeans | None = None
         self.means_seen = 0
+        self._buffers: tuple[Tensor, Tensor] | None = None  # [B, H, capacity, D] key and value storage
 
     def invalidate_means(self) -> None:
         self.block_means = None
@@ -54,12 +55,44 @@ class MoBACacheLayer(DynamicLayer):
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        setattr(keys, LAYER_ATTR, self)
-        return keys, values
+        """Append in place into storage that grows by half its size when full.
+
+        ``DynamicLayer`` concatenates the whole cache with the new tokens every step: a copy of the
+        cache per layer and step, which costs more than MoBA's sparse read of it. Here ``keys`` and
+        ``values`` are views of the filled prefix of a larger buffer, so a step writes only the new
+        tokens (growth copies amortise to O(1) per token). Any edit that replaces ``keys`` (crop,
+        beam reorder, batch selection, offload) is detected and the buffer is rebuilt from it.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        buf = self._buffers
+        fresh = (
+            buf is None
+            or self.keys.data_ptr() != buf[0].data_ptr()
+            or self.keys.shape[:2] != key_states.shape[:2]
+        )
+        if fresh or self.values.data_ptr() != buf[1].data_ptr():
+            buf = None
+        n_old = self.keys.shape[-2] if self.keys.numel() else 0
+        n_new = n_old + key_states.shape[-2]
+        if buf is None or n_new > buf[0].shape[-2]:
+            capacity = max(n_new + n_new // 2, 256)
+            grown = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                b = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+                if n_old:
+                    b[:, :, :n_old] = old
+                grown.append(b)
+            buf = self._buffers = (grown[0], grown[1])
+        buf[0][:, :, n_old:n_new] = key_states
+        buf[1][:, :, n_old:n_new] = value_states
+        self.keys, self.values = buf[0][:, :, :n_new], buf[1][:, :, :n_new]
+        setattr(self.keys, LAYER_ATTR, self)
+        return self.keys, self.values
 
     def reset(self) -> None:
         super().reset()
+        self._buffers = None
         self.invalidate_means()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
