@@ -12,6 +12,11 @@ FSDPMuon the update after it): each parameter's error must be at most twice the 
 Muon rounding the same tensors (``emulated_run``), plus ``FP32_TOL``. Newton-Schulz amplifies input
 rounding along small singular directions, so that error is about 7% of the 3-step change on these 16x16
 matrices (``test_bf16_error_is_reported`` pins it); rounding only the output stays near 0.1%.
+
+Gradient clipping (issue 15): every tier with ``max_grad_norm`` equals single-process
+``clip_grad_norm_`` + Muon, to ``FP32_TOL``. The loss is scaled differently at each step (``LOSS_SCALES``)
+so the clip factors differ and clipping visibly changes the run. A NaN in one rank's gradient must give the
+same decision on every rank (all raise, or all skip), naming the parameter.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import socket
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,8 @@ LR, WD = 0.02, 0.1
 TIERS = ("ddp", "zero1", "zero1_natural", "fsdp")
 CASES = ("fp32_accum", "bf16_comm")
 WORLDS = (1, 2, 4)
+LOSS_SCALES = (1.0, 8.0, 0.25)  # per step, for the clipping runs (grad norms about 1.5, 13, 0.4)
+MAX_GRAD_NORM = 1.0
 
 
 # ---------------------------------------------------------------------- the model and the reference
@@ -102,6 +110,20 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
+
+
+def clipped_reference_run(steps: int, max_norm: float) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Single-process ``clip_grad_norm_`` then muon_opt.Muon, with the per-step loss scales; also returns
+    the pre-clip norms clip_grad_norm_ reported."""
+    model = Net()
+    opt = Muon(groups(model), lr=LR, weight_decay=WD, ns_dtype="float32", foreach=False)
+    norms = []
+    for s in range(steps):
+        opt.zero_grad(set_to_none=True)
+        (loss_fn(model, *batch(s)) * LOSS_SCALES[s]).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
 
 
 def reference_run(steps: int) -> list[dict[str, torch.Tensor]]:
@@ -162,11 +184,13 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
 
 
-def _make(tier: str, W: int, pg: Any, case: str, init: dict[str, torch.Tensor] | None = None) -> tuple:
+def _make(
+    tier: str, W: int, pg: Any, case: str, init: dict[str, torch.Tensor] | None = None, **extra: Any
+) -> tuple:
     model = Net()
     if init is not None:
         model.load_state_dict(init)
-    kwargs: dict[str, Any] = dict(lr=LR, weight_decay=WD, ns_dtype="float32", process_group=pg)
+    kwargs: dict[str, Any] = dict(lr=LR, weight_decay=WD, ns_dtype="float32", process_group=pg, **extra)
     if case == "bf16_comm":
         kwargs["comm_dtype"] = torch.bfloat16
     if tier == "fsdp":
@@ -185,22 +209,39 @@ def _make(tier: str, W: int, pg: Any, case: str, init: dict[str, torch.Tensor] |
     return model, opt
 
 
-def _train(
-    tier: str, model: nn.Module, opt: Any, W: int, rank: int, pg: Any, steps: range, accum: int
-) -> None:
+def _backward(
+    tier: str, model: nn.Module, W: int, rank: int, pg: Any, s: int, accum: int, scale: float = 1.0,
+    poison: bool = False,
+) -> None:  # fmt: skip
+    """This rank's share of step ``s``'s global batch; ``poison`` puts a NaN into this rank's w_h1 gradient
+    (before DDP's all-reduce, after FSDP's reduce-scatter: where a real overflow would show)."""
     per_rank = GLOBAL_BATCH // W
+    x, y = batch(s)
+    x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    for mx, my in zip(x.chunk(accum), y.chunk(accum), strict=True):
+        (loss_fn(model, mx, my) / accum * scale).backward()
+    if poison:
+        g = model.w_h1.grad
+        (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = math.nan
+    if tier == "ddp":  # what DistributedDataParallel does: average gradients over the ranks
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=pg)
+                p.grad.div_(W)
+
+
+def _train(
+    tier: str, model: nn.Module, opt: Any, W: int, rank: int, pg: Any, steps: range, accum: int,
+    loss_scales: tuple[float, ...] | None = None,
+) -> list[float]:  # fmt: skip
+    """Train ``steps``; returns the optimizer's recorded global gradient norm of each step."""
+    norms = []
     for s in steps:
         opt.zero_grad(set_to_none=True)
-        x, y = batch(s)
-        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
-        for mx, my in zip(x.chunk(accum), y.chunk(accum), strict=True):
-            (loss_fn(model, mx, my) / accum).backward()
-        if tier == "ddp":  # what DistributedDataParallel does: average gradients over the ranks
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=pg)
-                    p.grad.div_(W)
+        _backward(tier, model, W, rank, pg, s, accum, 1.0 if loss_scales is None else loss_scales[s])
         opt.step()
+        norms.append(float(opt.last_grad_norm))
+    return norms
 
 
 def _rel_change_error(got: dict, ref: dict, start: dict) -> dict[str, float]:
@@ -263,6 +304,8 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
                     results["factory"] = [type(o).__name__ for o in made]
                     results["config_errors"] = errors
             dist.barrier()
+        _clip_checks(rank, pgs, results)
+        _nonfinite_checks(rank, pgs, results)
         _checkpoint_checks(rank, pgs, Path(outdir), results)
     except BaseException:  # dcp raises CheckpointException, a BaseException
         results["fatal"] = {"error": traceback.format_exc()}
@@ -271,6 +314,76 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
             (Path(outdir) / "results.json").write_text(json.dumps(results))
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _clip_checks(rank: int, pgs: dict, results: dict) -> None:
+    """Every tier with max_grad_norm, at W = 2 and 4, with per-step loss scales: parameters after 3 steps
+    and each rank's recorded pre-clip norms."""
+    for W in (2, 4):
+        if rank < W:
+            for tier in TIERS:
+                key = f"clip-{tier}-W{W}"
+                try:
+                    model, opt = _make(tier, W, pgs[W], "fp32", max_grad_norm=MAX_GRAD_NORM)
+                    norms = _train(tier, model, opt, W, rank, pgs[W], range(STEPS), 1, LOSS_SCALES)
+                    got = {n: _full(p).tolist() for n, p in model.named_parameters()}
+                    every = [None] * W
+                    dist.all_gather_object(every, norms, group=pgs[W])
+                    if rank == 0:
+                        results[key] = {"params": got, "norms": every}
+                except BaseException:
+                    results[key] = {"error": traceback.format_exc()}
+        dist.barrier()
+
+
+def _nonfinite_checks(rank: int, pgs: dict, results: dict) -> None:
+    """A NaN in the last rank's w_h1 gradient at step 2: each rank reports what its step did."""
+    for W in (2, 4):
+        if rank < W:
+            for tier in ("ddp", "zero1", "fsdp"):
+                for mode in ("raise", "skip"):
+                    key = f"nonfinite-{tier}-W{W}-{mode}"
+                    try:
+                        model, opt = _make(tier, W, pgs[W], "fp32", nonfinite=mode)
+                        _train(tier, model, opt, W, rank, pgs[W], range(1), 1)
+                        before = {n: _full(p) for n, p in model.named_parameters()}
+                        state = [{k: v.clone() for k, v in st.items()} for st in opt.state.values()]
+                        steps = list(opt._steps)
+                        opt.zero_grad(set_to_none=True)
+                        _backward(tier, model, W, rank, pgs[W], 1, 1, poison=rank == W - 1)
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always")
+                            try:
+                                opt.step()
+                                outcome = "stepped"
+                            except FloatingPointError as err:
+                                outcome = f"raised: {err}"
+                        ours = [w for w in caught if "non-finite gradient" in str(w.message)]
+                        if ours and outcome == "stepped":
+                            outcome = f"warned: {ours[0].message}"
+                        after = {n: _full(p) for n, p in model.named_parameters()}
+                        unchanged = (
+                            all(torch.equal(before[n], after[n]) for n in before)
+                            and all(
+                                all(torch.equal(a[k], b[k]) for k in a)
+                                for a, b in zip(state, opt.state.values(), strict=True)
+                            )
+                            and steps == opt._steps
+                        )
+                        next_ok = False
+                        if mode == "skip":  # the run goes on, in step on every rank
+                            _train(tier, model, opt, W, rank, pgs[W], range(2, 3), 1)
+                            full = [_full(p) for p in model.parameters()]  # collective: every rank, every p
+                            next_ok = all(bool(torch.isfinite(t).all()) for t in full)
+                        report = [None] * W
+                        dist.all_gather_object(
+                            report, [outcome, unchanged, opt.skipped_steps, next_ok], group=pgs[W]
+                        )
+                        if rank == 0:
+                            results[key] = {"ranks": report}
+                    except BaseException:
+                        results[key] = {"error": traceback.format_exc()}
+        dist.barrier()
 
 
 def _checkpoint_checks(rank: int, pgs: dict, outdir: Path, results: dict) -> None:
@@ -509,6 +622,52 @@ def test_checkpoint_reshards(suite: dict, saved: str, loaded: str, W: int) -> No
     at_save, cont = _tensors(base["at_save"]), _tensors(base["continued"])
     got = _tensors(_entry(suite, f"ckpt-{saved}-W4-to-{loaded}-W{W}")["params"])
     _assert_close(_rel_change_error(got, cont, at_save), FP32_TOL, f"checkpoint {saved}@4 -> {loaded}@{W}")
+
+
+# ---------------------------------------------------------------------- clipping and non-finite gradients
+
+
+@pytest.fixture(scope="module")
+def clipped_reference() -> dict[str, Any]:
+    params, norms = clipped_reference_run(STEPS, MAX_GRAD_NORM)
+    unclipped, _ = clipped_reference_run(STEPS, math.inf)
+    return {"params": params, "norms": norms, "unclipped": unclipped}
+
+
+@pytest.mark.parametrize("W", (2, 4), ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("tier", TIERS)
+def test_max_grad_norm_equals_clip_grad_norm_then_muon(
+    suite: dict, references: dict, clipped_reference: dict, tier: str, W: int
+) -> None:
+    """The norm is the true global gradient's (after the all-reduce, the reduce-scatter, or across shards):
+    each rank records clip_grad_norm_'s pre-clip norm, and the parameters are those of clip + Muon."""
+    entry = _entry(suite, f"clip-{tier}-W{W}")
+    start, ref = references["start"], clipped_reference["params"]
+    ref_norms = clipped_reference["norms"]
+    assert all(n > MAX_GRAD_NORM for n in ref_norms[:2]) and ref_norms[2] < MAX_GRAD_NORM, ref_norms
+    for r, norms in enumerate(entry["norms"]):
+        assert norms == pytest.approx(ref_norms, rel=FP32_TOL), f"rank {r}: norms {norms} vs {ref_norms}"
+    _assert_close(_rel_change_error(_tensors(entry["params"]), ref, start), FP32_TOL, f"clip {tier} W={W}")
+    # and clipping matters here: the unclipped run is far outside that tolerance
+    far = _rel_change_error(clipped_reference["unclipped"], ref, start)
+    assert max(far.values()) > 1000 * FP32_TOL, far
+
+
+@pytest.mark.parametrize("mode", ("raise", "skip"))
+@pytest.mark.parametrize("W", (2, 4), ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("tier", ("ddp", "zero1", "fsdp"))
+def test_nonfinite_gradient_is_one_decision_on_every_rank(suite: dict, tier: str, W: int, mode: str) -> None:
+    """Only the last rank's gradient holds the NaN; every rank raises (or skips with a warning), names
+    the parameter, and leaves parameters, moments and step counts untouched; after a skip training goes on."""
+    ranks = _entry(suite, f"nonfinite-{tier}-W{W}-{mode}")["ranks"]
+    assert len(ranks) == W
+    verb = "raised" if mode == "raise" else "warned"
+    for r, (outcome, unchanged, skipped, next_ok) in enumerate(ranks):
+        assert outcome.startswith(verb), f"rank {r}: {outcome}"
+        assert "(param_groups[0]['params'][1], shape (16, 16))" in outcome, f"rank {r}: {outcome}"
+        assert unchanged, f"rank {r}: the non-finite step changed parameters or optimizer state"
+        assert skipped == (1 if mode == "skip" else 0), f"rank {r}: skipped_steps={skipped}"
+        assert next_ok or mode == "raise", f"rank {r}: the step after the skipped one failed"
 
 
 # ---------------------------------------------------------------------- planners and accounting (no spawn)

@@ -78,6 +78,20 @@ def test_compute_dtype_and_no_aliasing() -> None:
     assert torch.equal(zero, torch.zeros(5, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fn", [newton_schulz, newton_schulz_reference], ids=["fast", "reference"])
+def test_huge_entries_do_not_overflow_the_norm(fn, dtype: torch.dtype) -> None:
+    """Entries up to ~3e38 (near the fp32/bf16 maximum): ||G||_F itself is not representable, but the
+    normalisation runs on a power-of-two rescaled copy, so the result is that of G * 2^-120, bit for bit
+    (the plain ``G / (||G||_F + eps)`` gives all zeros here)."""
+    G = ((torch.rand(2, 24, 40, generator=seeded(6)) * 2 - 1) * 3e38).to(dtype)
+    assert torch.isfinite(G).all() and not torch.isfinite(torch.linalg.matrix_norm(G.float())).all()
+    out = fn(G)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, fn(G * 2.0**-120))
+    assert torch.linalg.svdvals(out.double()).min() > 0.5
+
+
 @pytest.mark.parametrize(
     ("G", "kwargs", "match"),
     [

@@ -248,6 +248,13 @@ def test_sparse_and_complex_gradients_are_clear_errors() -> None:
     ("group", "kwargs", "match"),
     [
         ({}, {"lr": -1.0}, "lr="),
+        ({}, {"lr": math.inf}, "lr=inf must be a finite"),
+        ({}, {"lr": torch.tensor([1e-2, 2e-2])}, r"lr=tensor.*one-element"),
+        ({}, {"lr": torch.tensor(1)}, r"lr=tensor\(1\) must be a number or a one-element floating-point"),
+        ({}, {"lr": torch.tensor(-1.0)}, r"lr=tensor\(-1.\) must be a finite non-negative"),
+        ({}, {"eps": torch.tensor(1e-7)}, "eps=.*only lr and weight_decay may be tensors"),
+        ({}, {"adamw_lr_ratio": -0.5}, "adamw_lr_ratio=-0.5"),
+        ({"adamw_lr": 1e-3, "adamw_lr_ratio": 0.5}, {}, "sets both adamw_lr and adamw_lr_ratio"),
         ({}, {"momentum": 1.0}, "momentum="),
         ({}, {"ns_steps": 2.5}, "ns_steps="),
         ({}, {"adjust_lr": "adam"}, "adjust_lr="),

@@ -20,6 +20,7 @@ from muon_opt.distributed_comm import CommCounter, collective_bytes
 from muon_opt.distributed_layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
 from muon_opt.matrix_view import (
     MatrixSpec,
+    describe_matrices,
     from_matrices,
     from_matrix_groups,
     logical_shapes,
@@ -35,7 +36,17 @@ from muon_opt.newton_schulz import (
     newton_schulz_reference,
 )
 from muon_opt.optimizer import Muon
-from muon_opt.routing import HEAD_NAMES, ParamRoute, format_routes, param_groups, route_parameters
+from muon_opt.routing import (
+    HEAD_NAMES,
+    POSITION_NAMES,
+    STEM_NAMES,
+    TOKEN_NAMES,
+    ParamRoute,
+    check_bare_params,
+    format_routes,
+    param_groups,
+    route_parameters,
+)
 from muon_opt.scale import UPDATE_SCALE_MODES, resolve_ns_dtype, update_scale
 
 try:
@@ -47,6 +58,9 @@ __all__ = [
     "DEFAULT_NS_COEFFICIENTS",
     "HEAD_NAMES",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "POSITION_NAMES",
+    "STEM_NAMES",
+    "TOKEN_NAMES",
     "UPDATE_SCALE_MODES",
     "CommCounter",
     "DDPMuon",
@@ -60,7 +74,9 @@ __all__ = [
     "adamw_foreach",
     "adamw_reference",
     "balance_ownership",
+    "check_bare_params",
     "collective_bytes",
+    "describe_matrices",
     "distributed_muon",
     "format_routes",
     "from_matrices",

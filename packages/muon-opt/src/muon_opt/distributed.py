@@ -29,6 +29,13 @@ flatten_sharded_tensors=False)``, since a rank may hold no piece of some paramet
 Gradient rules: ``grad is None`` skips a parameter (no momentum, no weight decay), as in ``muon_opt.Muon``.
 ``DDPMuon`` and ``FSDPMuon`` need it to be the same on every rank (DDP and FSDP guarantee this); ``ZeroMuon``
 treats a rank's missing gradient as zeros and skips only parameters no rank has a gradient for.
+
+``max_grad_norm`` and ``nonfinite`` mean what they mean in ``muon_opt.Muon``, on the true global gradient
+(the averaged one single-process Muon would see on the global batch): ``DDPMuon`` takes the norm of the
+all-reduced gradients every rank holds (no communication), ``ZeroMuon`` of the reduce-scattered shards (its
+squared norm rides on the all-reduce that already carried the grad-``None`` mask), ``FSDPMuon`` of the
+local shards (one 8-byte all-reduce). The non-finite decision is the same on every rank, so all ranks raise
+or all skip; naming the parameters costs one more small all-reduce, only when something is not finite.
 """
 
 from __future__ import annotations
@@ -48,9 +55,9 @@ from muon_opt.adamw import adamw_reference
 from muon_opt.distributed_comm import CommCounter
 from muon_opt.distributed_layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
 from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, to_matrix_groups
-from muon_opt.muon import muon_update
+from muon_opt.muon import apply_update, muon_update
 from muon_opt.newton_schulz import newton_schulz
-from muon_opt.optimizer import Muon
+from muon_opt.optimizer import Muon, _adamw_lr_wd, _describe, _scaled
 from muon_opt.scale import resolve_ns_dtype, update_scale
 
 __all__ = [
@@ -73,7 +80,7 @@ _HYPER_KEYS = (
     "adjust_lr",
     "adamw_betas",
     "adamw_eps",
-    "adamw_lr",
+    "adamw_lr_ratio",
     "adamw_weight_decay",
 )
 
@@ -84,6 +91,8 @@ class _Param:
 
     index: int
     group: dict[str, Any]
+    group_index: int
+    position: int  # in its group's params
     param: Tensor
     muon: bool
     spec: MatrixSpec | None
@@ -128,7 +137,7 @@ class _DistributedMuon(Muon):
         self.comm_dtype = comm_dtype
         self.comm = CommCounter(self.world_size)
         self._infos: list[_Param] = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             specs = group["matrix_spec"]
             for j, p in enumerate(group["params"]):
                 use = group["use_muon"]
@@ -136,6 +145,8 @@ class _DistributedMuon(Muon):
                     _Param(
                         index=len(self._infos),
                         group=group,
+                        group_index=gi,
+                        position=j,
                         param=p,
                         muon=p.ndim >= 2 if use is None else bool(use),
                         spec=specs[j] if isinstance(specs, list) else specs,
@@ -223,13 +234,11 @@ class _DistributedMuon(Muon):
     @staticmethod
     def _apply_muon(info: _Param, target: Tensor, scaled: Tensor) -> None:
         lr, wd = info.group["lr"], info.group["weight_decay"]
-        target.mul_(1 - lr * wd)
-        target.add_(scaled.to(target.dtype), alpha=-lr)
+        apply_update(target, scaled.to(target.dtype), lr=lr, weight_decay=wd)
 
     def _adamw(self, info: _Param, target: Tensor, grad: Tensor) -> None:
         g = info.group
-        lr = g["lr"] if g["adamw_lr"] is None else g["adamw_lr"]
-        wd = g["weight_decay"] if g["adamw_weight_decay"] is None else g["adamw_weight_decay"]
+        lr, wd = _adamw_lr_wd(g, info.group_index)
         st = self.state[info.param]
         adamw_reference(
             target, grad, st["exp_avg"], st["exp_avg_sq"], self._steps[info.index],
@@ -250,6 +259,41 @@ class _DistributedMuon(Muon):
                 f"{tuple(grad.shape)}"
             )
         return grad
+
+    @staticmethod
+    def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
+        """Sum of squared entries of ``grads`` as a float64 0-dim tensor: squares of entries up to the fp32
+        maximum (~3e38) cannot overflow it, so it is non-finite exactly when an entry is."""
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        return torch.stack([n.to(device) for n in norms]).square().sum()
+
+    def _clip_factor(
+        self, sum_sq: Tensor, local_bad: Callable[[], list[int]], reduce_flags: bool, dtype: torch.dtype
+    ) -> tuple[bool, Tensor | None]:
+        """From the global ``sum_sq`` (every rank holds the same): record :attr:`last_grad_norm`, raise or
+        skip on a non-finite gradient (the same decision on every rank), return ``(skip, clip factor)``.
+
+        ``local_bad()`` lists the parameter indices whose local gradient piece is not finite; with
+        ``reduce_flags`` their union over the ranks is all-reduced first (one collective, only then)."""
+        norm = sum_sq.sqrt()
+        self._stats["last_grad_norm"] = norm.to(torch.promote_types(dtype, torch.float32))
+        if not bool(torch.isfinite(norm)):
+            flags = torch.zeros(len(self._infos), dtype=torch.float32, device=sum_sq.device)
+            for i in local_bad():
+                flags[i] = 1.0
+            if reduce_flags:
+                self.comm.record(
+                    "all_reduce/nonfinite_flags", "all_reduce", flags.numel() * flags.element_size()
+                )
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+            bad = [self._infos[i] for i in flags.nonzero().flatten().tolist()]
+            described = [f"{_describe(x.group, x.group_index, x.position, x.param)}" for x in bad]
+            return self._nonfinite(described or ["(not located: the gradient norm overflowed float64)"]), None
+        if self.max_grad_norm is None:
+            return False, None
+        return False, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -314,6 +358,10 @@ class _DistributedMuon(Muon):
             for k in _HYPER_KEYS:
                 if k in saved:
                     g[k] = tuple(saved[k]) if k == "adamw_betas" else saved[k]
+            # a file written before AdamW's lr became a ratio of lr: its adamw_lr was absolute
+            if "adamw_lr_ratio" not in saved and saved.get("adamw_lr") is not None:
+                base = float(saved.get("initial_lr", saved["lr"]))
+                g["adamw_lr_ratio"] = saved["adamw_lr"] / base if base > 0 else g["adamw_lr_ratio"]
         for info in self._infos:
             entry = state_dict["state"].get(str(info.index))
             if entry is None:
@@ -389,10 +437,23 @@ class DDPMuon(_DistributedMuon):
 
     def _step(self) -> None:
         grads = {x.index: self._check_grad(x) for x in self._infos}
+        dtype = self._infos[0].param.dtype if self._infos else torch.float32
+        scale = None
+        if self._infos:
+            # the gradients are the all-reduced ones, the same on every rank: the norm needs no communication
+            present = [g for g in grads.values() if g is not None]
+            skip, scale = self._clip_factor(
+                self._sum_of_squares(present, self._device()),
+                lambda: [i for i, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())],
+                reduce_flags=False,
+                dtype=dtype,
+            )
+            if skip:
+                return
         mine = [x for x in self._infos if self.owner[x.index] == self.rank and grads[x.index] is not None]
+        grads.update({x.index: _scaled(grads[x.index], scale) for x in mine})  # only what this rank uses
         updates = {x.index: self._momentum(x, grads[x.index]) for x in mine if x.muon}
         scaled = self._orthogonalise(updates)
-        dtype = self._infos[0].param.dtype if self._infos else torch.float32
         jobs = []
         if self._widths[True]:
             send = torch.zeros(self._widths[True], dtype=self.comm_dtype or dtype, device=self._device())
@@ -510,24 +571,38 @@ class ZeroMuon(_DistributedMuon):
             return
         p0 = infos[0].param
         flat = torch.zeros(W * S, dtype=p0.dtype, device=p0.device)
-        mask = torch.zeros(len(infos), dtype=torch.float32, device=p0.device)
+        mask = torch.zeros(len(infos), dtype=torch.float64, device=p0.device)
         for x in infos:
             g = self._check_grad(x)
             if g is not None:
                 off = self.layout.offsets[x.index]
                 flat[off : off + x.numel].copy_(g.reshape(-1))
                 mask[x.index] = 1.0
-        self.comm.record("all_reduce/grad_mask", "all_reduce", mask.numel() * mask.element_size())
-        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=pg)
-        has_grad = [bool(v) for v in mask.tolist()]
         gshard = flat.new_empty(S)
         self.comm.record("reduce_scatter/grads", "reduce_scatter", flat.numel() * flat.element_size())
         dist.reduce_scatter_tensor(gshard, flat, op=dist.ReduceOp.SUM, group=pg)
         del flat
         gshard.div_(W)
+        mine = [x for x in infos if self.layout.held(x.index, me) is not None]
+
+        # One all-reduce: which parameters have a gradient on some rank, and the squared norm of the
+        # averaged (true global) gradient, summed over the shards.
+        stats = torch.cat([mask, self._sum_of_squares([gshard], p0.device).reshape(1)])
+        self.comm.record("all_reduce/grad_stats", "all_reduce", stats.numel() * stats.element_size())
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=pg)
+        has_grad = [v > 0 for v in stats[:-1].tolist()]
+        skip, scale = self._clip_factor(
+            stats[-1],
+            lambda: [x.index for x in mine if not bool(torch.isfinite(gshard[self._local(x.index)]).all())],
+            reduce_flags=True,
+            dtype=p0.dtype,
+        )
+        if skip:
+            return
+        if scale is not None:
+            gshard.mul_(scale.to(gshard.dtype))
 
         pshard = gshard.new_zeros(S)
-        mine = [x for x in infos if self.layout.held(x.index, me) is not None]
         for x in mine:
             start, length = self.layout.held(x.index, me)  # type: ignore[misc]
             pshard[self._local(x.index)] = x.param.detach().reshape(-1)[start : start + length]
@@ -680,6 +755,22 @@ class FSDPMuon(_DistributedMuon):
             g = self._check_grad(x)
             if g is not None:
                 grads[x.index] = g.to_local() if hasattr(g, "to_local") else g
+        if not self._infos:
+            return
+        local0 = self._infos[0].param.to_local()
+        sum_sq = self._sum_of_squares(list(grads.values()), local0.device)
+        self.comm.record("all_reduce/grad_norm", "all_reduce", sum_sq.element_size())
+        dist.all_reduce(sum_sq, op=dist.ReduceOp.SUM, group=self.process_group)
+        skip, scale = self._clip_factor(
+            sum_sq,
+            lambda: [i for i, g in grads.items() if not bool(torch.isfinite(g).all())],
+            reduce_flags=True,
+            dtype=local0.dtype,
+        )
+        if skip:
+            return
+        if scale is not None:
+            grads = {i: _scaled(g, scale) for i, g in grads.items()}
         muon = [x for x in self._infos if x.muon and x.index in grads]
         if muon:
             p0 = muon[0].param.to_local()

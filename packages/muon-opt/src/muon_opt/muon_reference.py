@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, to_matrix_groups
-from muon_opt.muon import muon_update
+from muon_opt.muon import apply_update, muon_update
 from muon_opt.newton_schulz import DEFAULT_NS_COEFFICIENTS, newton_schulz_reference
 from muon_opt.scale import update_scale
 
@@ -27,8 +27,8 @@ def muon_step_reference(
     grad: Tensor,
     momentum_buffer: Tensor,
     *,
-    lr: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
     momentum: float = 0.95,
     nesterov: bool = True,
     ns_steps: int = 5,
@@ -50,6 +50,5 @@ def muon_step_reference(
         ortho = newton_schulz_reference(matrices, ns_steps, ns_coefficients, eps, dtype=ns_dtype)
         scaled.append(ortho * update_scale(matrices.shape[-2], matrices.shape[-1], adjust_lr))
     scaled_update = from_matrix_groups(scaled, update.shape, matrix_spec)
-    param.mul_(1 - lr * weight_decay)
-    param.add_(scaled_update, alpha=-lr)
+    apply_update(param, scaled_update, lr=lr, weight_decay=weight_decay)
     return scaled_update

@@ -6,7 +6,10 @@ Sec. 2.1). An odd matrix polynomial applied ``steps`` times does this without an
 
     X <- a X + (b A + c A^2) X,    A = X X^T
 
-after ``X = G / (||G||_F + eps)`` puts every singular value in [0, 1]. The default quintic
+after ``X = G / (||G||_F + eps)`` puts every singular value in [0, 1]. That norm is taken after dividing
+``G`` by a power of two near its largest entry (exact, so the result is unchanged in normal ranges): squaring
+entries near the dtype's maximum (~3e38 in fp32 and bf16) would otherwise overflow the norm to inf and turn
+the update into zeros. The default quintic
 coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's: they maximise the slope at zero (so small
 singular values grow fast) at the price of not converging exactly; after 5 steps the singular values
 land in roughly [0.7, 1.2], which Muon tolerates. Polar Express (Amsel et al. 2025, arXiv 2505.16932)
@@ -76,12 +79,27 @@ def _check_input(G: Tensor, name: str) -> None:
         raise ValueError(f"{name}: G must be a floating-point tensor; got dtype {G.dtype}")
 
 
+def _normalise(X: Tensor, eps: float) -> Tensor:
+    """``X / (||X||_F + eps)`` for each trailing matrix, computed without overflow.
+
+    Dividing by ``s = 2^(e-1)``, with ``e`` the binary exponent of the largest ``|x|``, is exact and brings
+    every entry into ``(-2, 2)``, so the squares in the norm cannot overflow (nor underflow for tiny
+    matrices); ``(X / s) / (||X / s|| + eps / s)`` is then the same number as ``X / (||X|| + eps)``
+    whenever the latter does not overflow. A zero matrix stays zero.
+    """
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    _, exponent = torch.frexp(amax)
+    scale = torch.ldexp(torch.ones_like(amax), exponent - 1)  # a power of two, never inf: e - 1 <= max exp
+    X = X / scale
+    return X / (torch.linalg.matrix_norm(X, ord="fro", keepdim=True) + eps / scale)
+
+
 def _newton_schulz_2d(X: Tensor, coeffs: list[Coefficients], eps: float) -> Tensor:
     """The iteration on one matrix, written out as in the papers."""
     transposed = X.shape[0] > X.shape[1]
     if transposed:
         X = X.T  # make the Gram matrix X X^T the small (min(rows, cols))^2 one
-    X = X / (torch.linalg.matrix_norm(X, ord="fro") + eps)  # all singular values now <= 1
+    X = _normalise(X, eps)  # X / (||X||_F + eps): all singular values now <= 1
     for a, b, c in coeffs:
         A = X @ X.T
         B = b * A + c * (A @ A)
@@ -105,7 +123,8 @@ def newton_schulz_reference(
         steps: number of iterations (5 in Muon).
         coefficients: one ``(a, b, c)`` triple used every step, or a sequence of per-step triples
             (Polar Express); a sequence shorter than ``steps`` repeats its last triple.
-        eps: added to the Frobenius norm before dividing, so a zero matrix stays zero.
+        eps: added to the Frobenius norm before dividing, so a zero matrix stays zero. The norm is
+            computed on a power-of-two rescaled copy, so entries up to the dtype's maximum do not overflow it.
         dtype: the dtype to compute in; ``None`` computes in ``G.dtype``.
 
     Returns:
@@ -142,9 +161,8 @@ def newton_schulz(
     transposed = rows > cols
     if transposed:
         X = X.mT
-    # .to() may return G itself; the division below always allocates, so nothing aliases the input.
-    X = X.to(compute_dtype)
-    X = X / (torch.linalg.matrix_norm(X, ord="fro", keepdim=True) + eps)
+    # .to() may return G itself; the division in _normalise always allocates, so nothing aliases the input.
+    X = _normalise(X.to(compute_dtype), eps)
     for a, b, c in coeffs:
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A

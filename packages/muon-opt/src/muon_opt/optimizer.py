@@ -6,11 +6,17 @@ momentum orthogonalised by Newton-Schulz, each logical ``[A, B]`` matrix's updat
 AdamW's learning rate and weight decay carry over unchanged. The fast path stacks every same-shape logical
 matrix of a step (across parameters and param groups) and orthogonalises the stack in one batched call;
 ``foreach=False`` runs the per-parameter reference (:func:`muon_opt.muon_reference.muon_step_reference`).
+
+Ready for long runs: one LR scheduler drives both halves (AdamW's lr is ``lr * adamw_lr_ratio``), ``lr`` may
+be a tensor and the AdamW step count is one (``torch.compile(opt.step)`` then compiles once under a
+schedule), a non-finite gradient raises (or skips the step) before any state changes, and
+``max_grad_norm`` clips the global gradient norm as ``torch.nn.utils.clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -21,12 +27,15 @@ from torch import Tensor
 
 from muon_opt.adamw import adamw_foreach, adamw_reference
 from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, logical_shapes, to_matrix_groups
-from muon_opt.muon import muon_update
+from muon_opt.muon import apply_update, muon_update
 from muon_opt.muon_reference import muon_step_reference
 from muon_opt.newton_schulz import DEFAULT_NS_COEFFICIENTS, _per_step_coefficients, newton_schulz
 from muon_opt.scale import UPDATE_SCALE_MODES, resolve_ns_dtype, update_scale
 
-__all__ = ["Muon"]
+__all__ = ["NONFINITE_MODES", "Muon"]
+
+#: What ``Muon(nonfinite=...)`` does with a NaN/inf gradient entry.
+NONFINITE_MODES = ("raise", "skip")
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -40,8 +49,10 @@ class Muon(torch.optim.Optimizer):
             default, routes each parameter by ``ndim >= 2``), ``matrix_spec`` (one
             :class:`~muon_opt.MatrixSpec` or a list aligned with ``params``), and any option below.
         lr: learning rate, shared by Muon and AdamW (Moonlight reuses AdamW's unchanged, so one LR
-            scheduler drives both). In units of AdamW's lr when ``adjust_lr="match_rms_adamw"``.
-        weight_decay: decoupled weight decay, ``W <- W - lr * wd * W`` (shared with AdamW).
+            scheduler drives both). In units of AdamW's lr when ``adjust_lr="match_rms_adamw"``. A Python
+            number or a one-element float tensor (``torch.tensor(3e-3)``): with a tensor, schedulers update it
+            in place and ``torch.compile(opt.step)`` does not recompile when it changes.
+        weight_decay: decoupled weight decay, ``W <- W - lr * wd * W`` (shared with AdamW); number or tensor.
         momentum: Muon's momentum ``mu`` in ``M <- mu * M + G``.
         nesterov: orthogonalise ``G + mu * M`` instead of ``M``.
         ns_steps: Newton-Schulz iterations.
@@ -53,12 +64,29 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: Newton-Schulz compute dtype: ``"auto"`` (bf16 on CUDA with bf16 support, fp32 otherwise),
             ``None`` (the gradient's dtype), or a dtype.
         adamw_betas, adamw_eps: AdamW's moments and epsilon.
-        adamw_lr, adamw_weight_decay: AdamW overrides; ``None`` means "same as ``lr`` / ``weight_decay``".
+        adamw_lr: AdamW's learning rate at the group's initial ``lr``; stored as ``adamw_lr_ratio = adamw_lr /
+            lr``, so that LR schedulers scale it with ``lr`` (``None``: same as ``lr``).
+        adamw_weight_decay: AdamW's weight decay (``None``: same as ``weight_decay``).
+        adamw_lr_ratio: AdamW's learning rate as a multiple of ``lr`` (the group key that is kept; give this
+            or ``adamw_lr``, not both). AdamW's step uses ``lr * adamw_lr_ratio``, whatever set ``lr``.
         adjust_lr_fn: ``torch.optim.Muon``'s name for ``adjust_lr`` (``None`` there means ``"original"``);
             when given it overrides ``adjust_lr``.
         foreach: the batched fast path; ``False`` runs the per-parameter reference loop.
         log_update_rms: record the RMS of each Muon parameter's scaled update (``scale * U``, ~0.2 in the
             default mode) and of each AdamW update divided by lr; read them with :meth:`update_rms`.
+        max_grad_norm: clip the global 2-norm of all gradients of this optimizer to this value before the
+            step, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` would (``p.grad`` itself is
+            left unchanged). ``math.inf`` records the norm without clipping. The pre-clip norm of every step
+            is in :attr:`last_grad_norm`.
+        nonfinite: what a NaN/inf gradient entry does. ``"raise"`` (default): ``FloatingPointError`` naming
+            each such parameter, before anything is updated. ``"skip"``: a ``RuntimeWarning`` naming them, and
+            the whole step is skipped (no parameter, moment or step count changes; :attr:`skipped_steps`
+            counts them), as ``torch.amp.GradScaler`` does. The check costs one host sync per step.
+
+    Attributes:
+        last_grad_norm: 0-dim tensor, the global gradient 2-norm the last step saw (before clipping), on the
+            first parameter's device; ``None`` before the first step with gradients. Always recorded.
+        skipped_steps: how many steps ``nonfinite="skip"`` skipped.
 
     Arguments shared with ``torch.optim.Muon`` (``lr``, ``weight_decay``, ``momentum``, ``nesterov``,
     ``ns_coefficients``, ``eps``, ``ns_steps``, ``adjust_lr_fn``) mean the same thing, and the Muon state
@@ -84,12 +112,31 @@ class Muon(torch.optim.Optimizer):
         adamw_lr: float | None = None,
         adamw_weight_decay: float | None = None,
         *,
+        adamw_lr_ratio: float | None = None,
         adjust_lr_fn: str | None = None,
         foreach: bool = True,
         log_update_rms: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         if adjust_lr_fn is not None:
             adjust_lr = adjust_lr_fn
+        if adamw_lr is not None and adamw_lr_ratio is not None:
+            raise ValueError(
+                f"Muon: got adamw_lr={adamw_lr!r} and adamw_lr_ratio={adamw_lr_ratio!r}; give one (adamw_lr is "
+                "stored as the ratio adamw_lr / lr so that LR schedulers drive AdamW too)"
+            )
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, (int, float))
+            or not max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"Muon: max_grad_norm={max_grad_norm!r} must be None (no clipping) or a positive number "
+                "(math.inf records the gradient norm without clipping)"
+            )
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"Muon: nonfinite={nonfinite!r} must be one of {NONFINITE_MODES}")
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -103,12 +150,18 @@ class Muon(torch.optim.Optimizer):
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
             adamw_lr=adamw_lr,
+            adamw_lr_ratio=adamw_lr_ratio,
             adamw_weight_decay=adamw_weight_decay,
             use_muon=None,
             matrix_spec=None,
         )
         self.foreach = foreach
         self.log_update_rms = log_update_rms
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        # Mutated in place, never reassigned: torch.compile drops attribute writes on optimizers
+        # (torch 2.14), but keeps dict updates.
+        self._stats: dict[str, Any] = {"last_grad_norm": None, "skipped_steps": 0}
         self._update_rms: dict[str, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -117,10 +170,22 @@ class Muon(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "ns_coefficients" in param_group:
             param_group["ns_coefficients"] = _as_coefficients(param_group["ns_coefficients"])
+        gi = len(self.param_groups)
+        given = {k for k in ("adamw_lr", "adamw_lr_ratio") if param_group.get(k) is not None}
+        if len(given) == 2:
+            raise ValueError(
+                f"Muon: param_groups[{gi}] sets both adamw_lr and adamw_lr_ratio; give one (adamw_lr is stored "
+                "as the ratio adamw_lr / lr)"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
+        for key in ("lr", "weight_decay"):
+            # a tensor default would be one object shared by every group, and schedulers fill_ it per group
+            if isinstance(group[key], Tensor) and group[key] is self.defaults[key]:
+                group[key] = group[key].clone()
         _validate_group(group, gi)
+        group["adamw_lr_ratio"] = _resolve_adamw_ratio(group, given, gi)
+        group.pop("adamw_lr", None)
         specs = group["matrix_spec"]
         if isinstance(specs, (list, tuple)):
             if len(specs) != len(group["params"]):
@@ -155,12 +220,35 @@ class Muon(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; also reads files written before AdamW's lr became a ratio of ``lr``
+        (their ``adamw_lr`` becomes ``adamw_lr / initial lr``) and with integer AdamW step counts."""
         # The logical-matrix layout is structure (like the params themselves), not a hyper-parameter:
         # keep the specs this optimizer was built with.
         specs = [group["matrix_spec"] for group in self.param_groups]
+        ratios = [group["adamw_lr_ratio"] for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, spec in zip(self.param_groups, specs, strict=True):
+        for gi, (group, spec, ratio) in enumerate(zip(self.param_groups, specs, ratios, strict=True)):
             group["matrix_spec"] = spec
+            if "adamw_lr_ratio" not in group:
+                old = group.pop("adamw_lr", None)
+                base = float(group.get("initial_lr", group["lr"]))
+                group["adamw_lr_ratio"] = 1.0 if old is None else (old / base if base > 0 else ratio)
+            _validate_group(group, gi)
+            for j, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = _step_tensor(state["step"], f"{_describe(group, gi, j, p)} state 'step'")
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The global gradient 2-norm the last step saw, before clipping (0-dim tensor; None before the
+        first step with gradients)."""
+        return self._stats["last_grad_norm"]
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``nonfinite="skip"`` skipped."""
+        return self._stats["skipped_steps"]
 
     def update_rms(self) -> dict[str, float]:
         """RMS of each parameter's last update divided by lr (needs ``log_update_rms=True``).
@@ -179,13 +267,92 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip, grad_scale = self._check_and_clip()
+        if skip:
+            return loss
+        # Everything after the check's host sync (a graph break under torch.compile) reaches parameters and
+        # gradients through self.param_groups again, which is what keeps a compiled step from recompiling.
+        if self.param_groups:
+            self._init_group(self.param_groups[0])
+        work = [(gi, group, *self._collect(gi, group)) for gi, group in enumerate(self.param_groups)]
         if self.log_update_rms:
-            self._update_rms = {}
+            self._update_rms.clear()
         if self.foreach:
-            self._step_foreach()
+            self._step_foreach(work, grad_scale)
         else:
-            self._step_reference()
+            self._step_reference(work, grad_scale)
         return loss
+
+    def _check_and_clip(self) -> tuple[bool, Tensor | None]:
+        """Record the global gradient norm, act on non-finite gradients, return ``(skip, clip factor)``.
+
+        The norm is ``torch.nn.utils.clip_grad_norm_``'s (per-parameter norms in the gradient dtype, at least
+        fp32, then the norm of those); only when it is not finite are the gradients inspected one by one: a
+        NaN/inf entry raises or skips, and finite gradients whose norm overflowed get it recomputed in fp64.
+        """
+        work = [(gi, group, *self._collect(gi, group)) for gi, group in enumerate(self.param_groups)]
+        grads = [
+            group["params"][j].grad for _, group, muon_idx, adamw_idx in work for j in (*muon_idx, *adamw_idx)
+        ]
+        if not grads:
+            return False, None
+        norm = _total_norm(grads)
+        if not bool(torch.isfinite(norm)):  # the one host sync of the check
+            bad = [
+                (gi, group, j)
+                for gi, group, muon_idx, adamw_idx in work
+                for j in (*muon_idx, *adamw_idx)
+                if not bool(torch.isfinite(group["params"][j].grad).all())
+            ]
+            if bad:
+                self._stats["last_grad_norm"] = norm
+                return self._nonfinite([_describe_bad(group, gi, j) for gi, group, j in bad]), None
+            norm = _total_norm(grads, torch.float64)
+        self._stats["last_grad_norm"] = norm
+        if self.max_grad_norm is None:
+            return False, None
+        return False, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+
+    def _nonfinite(self, described: list[str]) -> bool:
+        """Raise (``nonfinite="raise"``) or warn and return True (``"skip"``) for the named parameters."""
+        shown = "; ".join(described[:8]) + (f"; and {len(described) - 8} more" if len(described) > 8 else "")
+        what = f"{type(self).__name__}: non-finite gradient in {len(described)} parameter(s): {shown}"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{what}. Nothing was updated. Find the source (torch.autograd.set_detect_anomaly(True)), "
+                "lower the lr or clip (max_grad_norm=...), or pass nonfinite='skip' to skip such steps"
+            )
+        self._stats["skipped_steps"] += 1
+        warnings.warn(
+            f"{what}; step skipped: parameters and optimizer state unchanged "
+            f"({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the missing state of every parameter (of all groups) that has a gradient: zeros, and AdamW's
+        step count as a float32 tensor, as in ``torch.optim.AdamW``.
+
+        The name and the ``group`` argument are ``torch.optim``'s convention: ``torch.compile`` runs a method
+        called ``_init_group(param_group)`` eagerly while tracing and guards on the state it made, so a
+        compiled step sees the final state structure from its first call and does not recompile on the
+        second. It is called once per step (``group`` is the first group) because the traced view of
+        ``self.state`` is taken at that call: state created by a second call would be invisible to it."""
+        del group
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if _uses_muon(g, p):
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _collect(self, gi: int, group: dict[str, Any]) -> tuple[list[int], list[int]]:
         """Indices of the group's params that have a gradient, split into (muon, adamw)."""
@@ -211,30 +378,24 @@ class Muon(torch.optim.Optimizer):
             (muon_idx if _uses_muon(group, p) else adamw_idx).append(j)
         return muon_idx, adamw_idx
 
-    def _adamw_state(self, p: Tensor) -> tuple[Tensor, Tensor, int]:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        return state["exp_avg"], state["exp_avg_sq"], state["step"]
+    def _adamw_steps(self, params: list[Tensor], tensors: bool) -> list[int] | list[Tensor]:
+        """Advance the AdamW step counts; Python ints for the exact float arithmetic, or the tensors
+        themselves (tensor lr, or under ``torch.compile``, which would otherwise specialise on each value)."""
+        steps = [self.state[p]["step"] for p in params]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        return steps if tensors else [int(s) for s in steps]
 
-    def _momentum_buffer(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state["momentum_buffer"]
-
-    def _step_reference(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            muon_idx, adamw_idx = self._collect(gi, group)
+    def _step_reference(
+        self, work: list[tuple[int, dict, list[int], list[int]]], grad_scale: Tensor | None
+    ) -> None:
+        for gi, group, muon_idx, adamw_idx in work:
             for j in muon_idx:
                 p = group["params"][j]
                 scaled = muon_step_reference(
                     p,
-                    p.grad,
-                    self._momentum_buffer(p),
+                    _scaled(p.grad, grad_scale),
+                    self.state[p]["momentum_buffer"],
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
                     momentum=group["momentum"],
@@ -248,33 +409,35 @@ class Muon(torch.optim.Optimizer):
                 )
                 if self.log_update_rms:
                     self._update_rms[_param_name(group, gi, j)] = _rms(scaled)
-            lr, wd = _adamw_lr_wd(group)
-            for j in adamw_idx:
-                p = group["params"][j]
-                exp_avg, exp_avg_sq, step = self._adamw_state(p)
+            lr, wd = _adamw_lr_wd(group, gi)
+            params = [group["params"][j] for j in adamw_idx]
+            steps = self._adamw_steps(params, _tensor_scalars(lr, wd))
+            for j, p, step in zip(adamw_idx, params, steps, strict=True):
+                state = self.state[p]
                 before = p.detach().clone() if self.log_update_rms else None
                 adamw_reference(
-                    p, p.grad, exp_avg, exp_avg_sq, step,
+                    p, _scaled(p.grad, grad_scale), state["exp_avg"], state["exp_avg_sq"], step,
                     lr=lr, betas=group["adamw_betas"], eps=group["adamw_eps"], weight_decay=wd,
                 )  # fmt: skip
                 if before is not None:
                     self._log_adamw(group, gi, j, p, before, lr, wd)
 
     def _log_adamw(
-        self, group: dict, gi: int, j: int, p: Tensor, before: Tensor, lr: float, wd: float
+        self, group: dict, gi: int, j: int, p: Tensor, before: Tensor, lr: float | Tensor, wd: float | Tensor
     ) -> None:
-        if lr > 0:
+        if bool(lr > 0):
             step = (before * (1 - lr * wd) - p.detach()) / lr
             self._update_rms[_param_name(group, gi, j)] = _rms(step)
 
-    def _step_foreach(self) -> None:
+    def _step_foreach(
+        self, work: list[tuple[int, dict, list[int], list[int]]], grad_scale: Tensor | None
+    ) -> None:
         # 1. Momentum for every Muon parameter, split into logical matrices and bucketed by (shape, device,
         #    dtype, compute dtype, Newton-Schulz settings) across all groups.
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         pending: list[tuple[int, dict, list[int], list[list[tuple[tuple, int]]], list[Tensor]]] = []
-        for gi, group in enumerate(self.param_groups):
-            muon_idx, adamw_idx = self._collect(gi, group)
-            self._adamw_group_foreach(gi, group, adamw_idx)
+        for gi, group, muon_idx, adamw_idx in work:
+            self._adamw_group_foreach(gi, group, adamw_idx, grad_scale)
             if not muon_idx:
                 continue
             params = [group["params"][j] for j in muon_idx]
@@ -282,7 +445,10 @@ class Muon(torch.optim.Optimizer):
             # ops would round the scalar momentum to the buffer's dtype for bf16 (0.95 -> 0.9492).
             updates = [
                 muon_update(
-                    p.grad, self._momentum_buffer(p), momentum=group["momentum"], nesterov=group["nesterov"]
+                    _scaled(p.grad, grad_scale),
+                    self.state[p]["momentum_buffer"],
+                    momentum=group["momentum"],
+                    nesterov=group["nesterov"],
                 )
                 for p in params
             ]
@@ -320,28 +486,34 @@ class Muon(torch.optim.Optimizer):
                 if self.log_update_rms:
                     self._update_rms[_param_name(group, gi, j)] = _rms(scaled)
             lr, wd = group["lr"], group["weight_decay"]
-            if _foreach_exact(params):
+            if _foreach_exact(params) and not _tensor_scalars(lr, wd):
                 if wd != 0:
                     torch._foreach_mul_(params, 1 - lr * wd)
                 torch._foreach_add_(params, scaled_updates, alpha=-lr)
             else:
                 for p, u in zip(params, scaled_updates, strict=True):
-                    p.mul_(1 - lr * wd).add_(u, alpha=-lr)
+                    apply_update(p, u, lr=lr, weight_decay=wd)
 
-    def _adamw_group_foreach(self, gi: int, group: dict, adamw_idx: list[int]) -> None:
+    def _adamw_group_foreach(
+        self, gi: int, group: dict, adamw_idx: list[int], grad_scale: Tensor | None
+    ) -> None:
         if not adamw_idx:
             return
         params = [group["params"][j] for j in adamw_idx]
-        states = [self._adamw_state(p) for p in params]
-        lr, wd = _adamw_lr_wd(group)
+        states = [self.state[p] for p in params]
+        lr, wd = _adamw_lr_wd(group, gi)
+        steps = self._adamw_steps(params, _tensor_scalars(lr, wd))
+        grads = [p.grad for p in params]
+        if grad_scale is not None:
+            grads = torch._foreach_mul(grads, grad_scale)
         before = [p.detach().clone() for p in params] if self.log_update_rms else None
         step_fn = adamw_foreach if _foreach_exact(params) else _adamw_loop
         step_fn(
             params,
-            [p.grad for p in params],
-            [s[0] for s in states],
-            [s[1] for s in states],
-            [s[2] for s in states],
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            steps,
             lr=lr,
             betas=group["adamw_betas"],
             eps=group["adamw_eps"],
@@ -364,8 +536,60 @@ def _foreach_exact(tensors: list[Tensor]) -> bool:
     return all(t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
+def _tensor_scalars(lr: float | Tensor, wd: float | Tensor) -> bool:
+    """Whether the step keeps its scalars as tensors: a tensor lr / wd, or tracing under ``torch.compile``."""
+    return isinstance(lr, Tensor) or isinstance(wd, Tensor) or torch.compiler.is_compiling()
+
+
+def _scaled(grad: Tensor, scale: Tensor | None) -> Tensor:
+    """The gradient the step uses: ``grad * scale`` for clipping (a new tensor; ``p.grad`` is left alone).
+
+    ``scale`` is cast to the gradient dtype, exactly as ``clip_grad_norm_``'s in-place ``mul_`` does."""
+    return grad if scale is None else grad * scale.to(grad.device)
+
+
+def _total_norm(grads: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_``'s total 2-norm: per-parameter norms (grouped by device and dtype,
+    computed in the gradient dtype but at least fp32, or in ``dtype``), then the norm of those."""
+    by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_kind[(g.device, g.dtype)].append(g)
+    out = dtype or (torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32)
+    first = grads[0].device
+    norms = []
+    for (_, kind), gs in by_kind.items():
+        norm_dtype = dtype or (kind if kind in (torch.float32, torch.float64) else torch.float32)
+        norms += [n.to(device=first, dtype=out) for n in torch._foreach_norm(gs, 2, dtype=norm_dtype)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _describe(group: dict[str, Any], gi: int, j: int, p: Tensor) -> str:
+    names = group.get("param_names")
+    name = f"{names[j]!r} " if names else ""
+    return f"{name}(param_groups[{gi}]['params'][{j}], shape {tuple(p.shape)})"
+
+
+def _describe_bad(group: dict[str, Any], gi: int, j: int) -> str:
+    g = group["params"][j].grad
+    kinds = [k for k, f in (("nan", torch.isnan), ("inf", torch.isinf)) if bool(f(g).any())]
+    return f"{_describe(group, gi, j, group['params'][j])}: {'/'.join(kinds)}"
+
+
+def _step_tensor(value: Any, where: str) -> Tensor:
+    """A loaded AdamW step count as a fresh float32 CPU tensor (int from older files, or a tensor)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        v = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        v = math.nan
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ValueError(f"Muon.load_state_dict: {where}={value!r} must be a non-negative whole number")
+    return torch.tensor(v, dtype=torch.float32)
+
+
 def _adamw_loop(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                steps: list[int], **kw: Any) -> None:  # fmt: skip
+                steps: list[int] | list[Tensor], **kw: Any) -> None:  # fmt: skip
     for args in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         adamw_reference(*args, **kw)
 
@@ -379,18 +603,36 @@ def _as_coefficients(coeffs: Any) -> tuple:
     return tuple((float(a), float(b), float(c)) for a, b, c in seq)
 
 
+def _number(v: Any) -> float | None:
+    """``v`` as a float if it is a real Python number (not a bool), else None."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def _validate_group(group: dict[str, Any], gi: int) -> None:
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"Muon: param_groups[{gi}] {key}={group[key]!r} {why}")
 
-    for key in ("lr", "weight_decay", "adamw_eps", "eps"):
+    for key in ("lr", "weight_decay"):
         v = group[key]
-        if not isinstance(v, (int, float, Tensor)) or not v >= 0:
-            raise bad(key, "must be a non-negative number")
-    for key in ("adamw_lr", "adamw_weight_decay"):
-        v = group[key]
-        if v is not None and (not isinstance(v, (int, float)) or not v >= 0):
-            raise bad(key, "must be None (same as lr / weight_decay) or a non-negative number")
+        if isinstance(v, Tensor):
+            if v.numel() != 1 or not v.is_floating_point():
+                raise bad(key, "must be a number or a one-element floating-point tensor")
+            value = float(v.detach())
+        else:
+            value = _number(v)
+        if value is None or not (math.isfinite(value) and value >= 0):
+            raise bad(key, "must be a finite non-negative number (or a one-element float tensor holding one)")
+    for key in ("adamw_eps", "eps"):
+        value = _number(group[key])
+        if value is None or not (math.isfinite(value) and value >= 0):
+            raise bad(
+                key, "must be a finite non-negative Python number (only lr and weight_decay may be tensors)"
+            )
+    for key in ("adamw_lr", "adamw_lr_ratio", "adamw_weight_decay"):
+        v = group.get(key)
+        value = _number(v)
+        if v is not None and (value is None or not (math.isfinite(value) and value >= 0)):
+            raise bad(key, "must be None or a finite non-negative Python number")
     if not 0.0 <= group["momentum"] < 1.0:
         raise bad("momentum", "must be in [0, 1)")
     steps = group["ns_steps"]
@@ -428,8 +670,32 @@ def _param_name(group: dict[str, Any], gi: int, j: int) -> str:
     return str(names[j]) if names else f"group{gi}.param{j}"
 
 
-def _adamw_lr_wd(group: dict[str, Any]) -> tuple[float, float]:
-    lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+def _resolve_adamw_ratio(group: dict[str, Any], given: set[str], gi: int) -> float:
+    """``adamw_lr_ratio`` of a new group: its own ratio, else its own ``adamw_lr / lr``, else the
+    constructor's ratio, else the constructor's ``adamw_lr / lr`` (this group's lr), else 1."""
+    if "adamw_lr_ratio" in given or ("adamw_lr" not in given and group["adamw_lr_ratio"] is not None):
+        return float(group["adamw_lr_ratio"])
+    absolute = group["adamw_lr"]
+    if absolute is None:
+        return 1.0
+    lr = float(group["lr"])
+    if lr == 0 and absolute != 0:
+        raise ValueError(
+            f"Muon: param_groups[{gi}] adamw_lr={absolute!r} with lr=0: AdamW's lr is lr * adamw_lr_ratio (so "
+            "that LR schedulers drive it), which cannot reach a non-zero adamw_lr; give adamw_lr_ratio instead"
+        )
+    return float(absolute) / lr if lr else 0.0
+
+
+def _adamw_lr_wd(group: dict[str, Any], gi: int) -> tuple[float | Tensor, float | Tensor]:
+    """AdamW's (lr, weight decay) for a group: ``lr * adamw_lr_ratio``, so schedulers drive it."""
+    if "adamw_lr" in group:
+        raise ValueError(
+            f"Muon: param_groups[{gi}]['adamw_lr'] was set after construction; AdamW's lr is lr * adamw_lr_ratio "
+            f"(so that LR schedulers drive it): set param_groups[{gi}]['adamw_lr_ratio'] instead"
+        )
+    ratio = group["adamw_lr_ratio"]
+    lr = group["lr"] if ratio == 1.0 else group["lr"] * ratio
     wd = group["weight_decay"] if group["adamw_weight_decay"] is None else group["adamw_weight_decay"]
     return lr, wd
 
