@@ -30,6 +30,7 @@ from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, logical_shapes,
 from muon_opt.muon import apply_update, muon_update
 from muon_opt.muon_reference import muon_step_reference
 from muon_opt.newton_schulz import DEFAULT_NS_COEFFICIENTS, _per_step_coefficients, newton_schulz
+from muon_opt.routing import check_bare_params
 from muon_opt.scale import UPDATE_SCALE_MODES, resolve_ns_dtype, update_scale
 
 __all__ = ["NONFINITE_MODES", "Muon"]
@@ -211,6 +212,10 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(
                         f"Muon: parameter {name!r} of shape {tuple(p.shape)} cannot go to Muon: {err}"
                     ) from None
+        bare = group["use_muon"] is None and group["matrix_spec"] is None  # routed by shape alone
+        if bare and (issues := check_bare_params(group["params"], group.get("param_names"))):
+            # e.g. Muon(model.parameters()): say what routing by shape alone gets wrong
+            warnings.warn("\n".join(issues), UserWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
         # MatrixSpec objects become plain dicts so the file loads with torch.load(weights_only=True).
