@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from .inputs import Layout
+from .merge import merge_partials
+from .planned import PlannedAttention
 from .routing import RoutedPairs, Routing
 
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -274,22 +276,6 @@ def fused_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _MobaFusedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: FusedPlan, scale: float):  # type: ignore[override]
-        o, lse = fused_forward(q, k, v, plan, scale)
-        o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.scale = plan, scale
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do: Tensor, dlse: Tensor | None):  # type: ignore[override]
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = fused_backward(q, k, v, o, lse, do, dlse, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def moba_attention_fused(
     q: Tensor, k: Tensor, v: Tensor, routing: Routing, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -299,7 +285,9 @@ def moba_attention_fused(
     groups, q_rows = (
         routed_groups(routing, k.shape[1]) if routing.n_selected else ([], q.new_empty(0, dtype=torch.int64))
     )
-    return _MobaFusedFn.apply(q, k, v, FusedPlan(spans, groups, q_rows), scale)
+    return PlannedAttention.apply(
+        q, k, v, FusedPlan(spans, groups, q_rows), scale, fused_forward, fused_backward
+    )
 
 
 def dense_causal_fused(
@@ -308,7 +296,7 @@ def dense_causal_fused(
     """Causal attention over each whole sequence (what MoBA is when ``topk`` blocks cover the context)."""
     spans = own_spans(layout, max(1, layout.max_len_k))
     plan = FusedPlan(spans, [], q.new_empty(0, dtype=torch.int64))
-    return _MobaFusedFn.apply(q, k, v, plan, scale)
+    return PlannedAttention.apply(q, k, v, plan, scale, fused_forward, fused_backward)
 
 
 # Up to this many sequences, a call whose every sequence has one query runs :func:`decode_steps`.
@@ -349,7 +337,7 @@ def decode_steps(
         qs = q[s][None, :, None]  # [1, Hq, 1, D]
         kv = [x[k0 + own * bs : k0 + lk].transpose(0, 1)[None] for x in (k, v)]  # [1, Hkv, n, D] views
         oo, lo = _FWD(qs, *kv, 0.0, False, scale=scale)
-        parts_o, parts_l = [oo[0, :, 0]], [lo[0, :, 0]]  # [Hq, D], [Hq]
+        o_own, l_own = oo[0, :, 0], lo[0, :, 0]  # [Hq, D], [Hq]
         take = min(topk - 1, own)
         if take > 0:
             gate = torch.einsum(
@@ -373,14 +361,10 @@ def decode_steps(
                     og, lg = _FWD(qs[0, rows, 0][None, None], kb, vb, 0.0, False, scale=scale)
                     for i, (row, j) in enumerate(users):
                         o_r[row, j], l_r[row, j] = og[0, 0, i], lg[0, 0, i]
-            parts_o.append(o_r)
-            parts_l.append(l_r)
-            lse_parts = torch.cat([parts_l[0][:, None], l_r], dim=1)  # [Hq, 1 + take]
-            lse_s = torch.logsumexp(lse_parts, dim=1)
-            w = torch.exp(lse_parts - lse_s[:, None])
-            o[s] = w[:, :1] * parts_o[0].float() + (w[:, 1:, None] * o_r).sum(1)
-            lse[s] = lse_s
+            o[s], lse[s] = merge_partials(
+                torch.cat([o_own.float()[:, None], o_r], dim=1), torch.cat([l_own[:, None], l_r], dim=1)
+            )
         else:
-            o[s], lse[s] = parts_o[0], parts_l[0]
+            o[s], lse[s] = o_own, l_own
         block0 += (lk + bs - 1) // bs
     return o.to(q.dtype), lse

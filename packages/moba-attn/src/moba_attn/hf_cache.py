@@ -66,13 +66,12 @@ class MoBACacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         buf = self._buffers
-        fresh = (
-            buf is None
-            or self.keys.data_ptr() != buf[0].data_ptr()
+        if buf is not None and (
+            self.keys.data_ptr() != buf[0].data_ptr()
+            or self.values.data_ptr() != buf[1].data_ptr()
             or self.keys.shape[:2] != key_states.shape[:2]
-        )
-        if fresh or self.values.data_ptr() != buf[1].data_ptr():
-            buf = None
+        ):
+            buf = None  # keys/values were replaced (copying crop, beam reorder, batch edit, offload)
         n_old = self.keys.shape[-2] if self.keys.numel() else 0
         n_new = n_old + key_states.shape[-2]
         if buf is None or n_new > buf[0].shape[-2]:

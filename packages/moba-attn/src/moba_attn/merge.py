@@ -3,7 +3,7 @@
 Each part ``i`` gives an output ``o_i`` normalised over its own keys and the log-sum-exp ``lse_i`` of its
 scaled scores; the attention over the union is ``sum_i exp(lse_i - lse) o_i`` with
 ``lse = logsumexp_i lse_i``. Parts with ``lse_i = -inf`` (no keys) drop out. Shared by the torch and
-flash-attn backends.
+flash-attn backends and the fused CPU decode step.
 """
 
 from __future__ import annotations

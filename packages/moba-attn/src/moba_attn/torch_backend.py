@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .merge import merge_partials
+from .planned import PlannedAttention
 from .routing import Routing
 from .tiles import TilePlan
 
@@ -215,25 +216,9 @@ def _backward(
     return dq[:tq].to(q.dtype), dk[:tk].to(k.dtype), dv[:tk].to(v.dtype)
 
 
-class _MobaTorchFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float):  # type: ignore[override]
-        o, lse = _forward(q, k, v, plan, scale)
-        o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.scale = plan, scale
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do: Tensor, dlse: Tensor | None):  # type: ignore[override]
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.plan, ctx.scale)
-        return dq, dk, dv, None, None
-
-
 def moba_attention_torch(
     q: Tensor, k: Tensor, v: Tensor, routing: Routing, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Torch backend on a precomputed routing: ``o [Tq, Hq, D]`` (q's dtype), ``lse [Tq, Hq]`` fp32."""
     plan = TilePlan.build(routing, k.shape[1])
-    return _MobaTorchFn.apply(q, k, v, plan, scale)
+    return PlannedAttention.apply(q, k, v, plan, scale, _forward, _backward)
