@@ -175,3 +175,17 @@ def test_decode_with_grad_takes_the_planned_path(monkeypatch) -> None:
     o_ref, lse_ref = moba_attention_reference(q=q[-1:], k=k, v=v, **kw, return_lse=True)
     for name, a, b in zip(("dq", "dk", "dv"), grads(o, lse, (q, k, v)), grads(o_ref, lse_ref, (q, k, v))):
         assert_close(name, a, b, 5 * _tol(16), 1e-4)
+
+
+def test_decode_step_takes_block_means_of_any_float_dtype() -> None:
+    """Precomputed means in fp16 (a cache that stores them compactly) are converted for the gate."""
+    from moba_attn import KeyBlockMeans
+
+    q, k, v, cu = packed_inputs([200, 129], 4, 2, 16, grad=False, seed=9)
+    last = (cu[1:] - 1).long()
+    kw = dict(cu_seqlens=torch.arange(3, dtype=torch.int32), cu_seqlens_k=cu, block_size=32, topk=3)
+    means = KeyBlockMeans.from_keys(k, 32, cu).means()
+    want = moba_attention(q=q[last], k=k, v=v, **kw, block_means=means)
+    got = moba_attention(q=q[last], k=k, v=v, **kw, block_means=means.half())
+    assert_close("o", got, moba_attention_reference(q=q[last], k=k, v=v, **kw), _tol(16))
+    assert_close("fp16 means vs fp32 means", got, want, _tol(16))

@@ -313,7 +313,14 @@ def decode_applies(q: Tensor, k: Tensor, v: Tensor, layout: Layout) -> bool:
 
 
 def decode_steps(
-    q: Tensor, k: Tensor, v: Tensor, layout: Layout, topk: int, scale: float, means: Tensor, sink_blocks: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Layout,
+    topk: int,
+    scale: float,
+    means: Tensor | None,
+    sink_blocks: int,
 ) -> tuple[Tensor, Tensor]:
     """One decode step per sequence (each sequence's single query is its last position): ``o, lse``.
 

@@ -9,9 +9,15 @@ import torch
 from torch import Tensor
 
 from .block_means import KeyBlockMeans
-from .fused_backend import decode_applies, decode_steps, fused_supported
+from .fused_backend import (
+    decode_applies,
+    decode_steps,
+    dense_causal_fused,
+    fused_supported,
+    moba_attention_fused,
+)
 from .inputs import validate
-from .routing import BlockTable, check_block_means, covers_context, key_block_means, route
+from .routing import BlockTable, check_block_means, covers_context, gate_means, route
 
 BACKENDS = ("triton", "flash", "flex", "torch", "torch_tiled")
 
@@ -147,15 +153,11 @@ def moba_attention(
     fused = name == "torch" and fused_supported(q)
     if fused and covers_context(layout, topk):
         # every query attends every earlier block: plain causal attention, no gate
-        from .fused_backend import dense_causal_fused
-
         o, lse = dense_causal_fused(q, k, v, layout, scale)
         return (o, lse) if return_lse else o
     if fused and decode_applies(q, k, v, layout):
         # one query per sequence, no autograd: a decode step needs a handful of ops, not a plan
-        means = block_means
-        if means is None and topk > 1:
-            means = key_block_means(k, layout, BlockTable.build(layout))
+        means = gate_means(q, k, layout, BlockTable.build(layout), block_means) if topk > 1 else None
         o, lse = decode_steps(q, k, v, layout, topk, scale, means, sink_blocks)
         return (o, lse) if return_lse else o
     routing = route(q, k, layout, topk, block_means, sink_blocks, select=select)
@@ -164,8 +166,6 @@ def moba_attention(
 
         o, lse = moba_attention_triton(q, k, v, routing, scale, deterministic)
     elif fused:
-        from .fused_backend import moba_attention_fused
-
         o, lse = moba_attention_fused(q, k, v, routing, scale)
     elif name in ("torch", "torch_tiled"):
         from .torch_backend import moba_attention_torch
