@@ -24,6 +24,7 @@ from muon_opt.matrix_view import (
     from_matrices,
     from_matrix_groups,
     logical_shapes,
+    matrix_views,
     to_matrices,
     to_matrix_groups,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "from_matrix_groups",
     "load_checkpoint",
     "logical_shapes",
+    "matrix_views",
     "muon_step_reference",
     "muon_update",
     "newton_schulz",

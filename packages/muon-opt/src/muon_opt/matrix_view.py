@@ -34,6 +34,7 @@ __all__ = [
     "from_matrices",
     "from_matrix_groups",
     "logical_shapes",
+    "matrix_views",
     "to_matrices",
     "to_matrix_groups",
 ]
@@ -187,6 +188,34 @@ def to_matrix_groups(tensor: Tensor, spec: MatrixSpec | None = None) -> list[Ten
         p.reshape(n, A, per_base, c).transpose(1, 2).reshape(n * per_base, A, c)
         for p, (c, per_base) in zip(pieces, chunks, strict=True)
     ]
+
+
+def matrix_views(tensor: Tensor, spec: MatrixSpec | None = None, *, writable: bool = True) -> list[Tensor]:
+    """The logical matrices of ``tensor`` as views ``[n, k, A_i, B_i]``, one per group, never copies.
+
+    ``view.reshape(n * k, A_i, B_i)`` is group ``i`` of :func:`to_matrix_groups` (same elements, same
+    order), but writing into a view writes into ``tensor``: the optimizer's fast path reads gradients and
+    updates momentum buffers and parameters through these views, so no logical matrix is ever copied out
+    and back. A column split is a strided (non-contiguous) view. With ``writable=False`` a tensor that
+    cannot be viewed as ``[n, A, B]`` (an unusual stride order) is reshaped, possibly copying: fine for
+    reading a gradient. With ``writable=True`` that case raises ``RuntimeError`` (from ``Tensor.view``).
+    """
+    if (spec is None or spec == _DEFAULT_SPEC) and tensor.ndim == 2:  # the common case, kept cheap
+        return [tensor.view(1, 1, *tensor.shape) if writable else tensor.reshape(1, 1, *tensor.shape)]
+    spec = spec or _DEFAULT_SPEC
+    shape = tuple(tensor.shape)
+    n, A, B = base_matrix_shape(shape, spec)
+    base = tensor.view(n, A, B) if writable else tensor.reshape(n, A, B)
+    chunks = _chunks(A if spec.split_dim == -2 else B, spec, shape)
+    views, offset = [], 0
+    for size, per_base in chunks:
+        width = size * per_base
+        if spec.split_dim == -2:
+            views.append(base[:, offset : offset + width, :].view(n, per_base, size, B))
+        else:
+            views.append(base[:, :, offset : offset + width].view(n, A, per_base, size).transpose(1, 2))
+        offset += width
+    return views
 
 
 def from_matrix_groups(

@@ -18,15 +18,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from muon_opt.adamw import adamw_foreach, adamw_reference
-from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, logical_shapes, to_matrix_groups
+from muon_opt.matrix_view import (
+    MatrixSpec,
+    from_matrix_groups,
+    logical_shapes,
+    matrix_views,
+    to_matrix_groups,
+)
 from muon_opt.muon import apply_update, muon_update
 from muon_opt.muon_reference import muon_step_reference
 from muon_opt.newton_schulz import DEFAULT_NS_COEFFICIENTS, _per_step_coefficients, newton_schulz
@@ -37,6 +43,8 @@ __all__ = ["NONFINITE_MODES", "Muon"]
 
 #: What ``Muon(nonfinite=...)`` does with a NaN/inf gradient entry.
 NONFINITE_MODES = ("raise", "skip")
+
+_PLAIN = MatrixSpec()
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -83,6 +91,11 @@ class Muon(torch.optim.Optimizer):
             each such parameter, before anything is updated. ``"skip"``: a ``RuntimeWarning`` naming them, and
             the whole step is skipped (no parameter, moment or step count changes; :attr:`skipped_steps`
             counts them), as ``torch.amp.GradScaler`` does. The check costs one host sync per step.
+        bucket_bytes: the fast path stacks same-shape logical matrices into batched Newton-Schulz calls of at
+            most this many bytes each (a single larger matrix still goes whole) and frees each call's
+            transients before the next: a step's peak transient memory is about three such chunks. ``None``
+            (default): a quarter of the Muon parameters' bytes, clamped to [1 MiB, 256 MiB], which keeps the
+            peak under the Muon parameters' own bytes (``benchmarks/``, section "step memory").
 
     Attributes:
         last_grad_norm: 0-dim tensor, the global gradient 2-norm the last step saw (before clipping), on the
@@ -119,6 +132,7 @@ class Muon(torch.optim.Optimizer):
         log_update_rms: bool = False,
         max_grad_norm: float | None = None,
         nonfinite: str = "raise",
+        bucket_bytes: int | None = None,
     ) -> None:
         if adjust_lr_fn is not None:
             adjust_lr = adjust_lr_fn
@@ -138,6 +152,12 @@ class Muon(torch.optim.Optimizer):
             )
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"Muon: nonfinite={nonfinite!r} must be one of {NONFINITE_MODES}")
+        if bucket_bytes is not None and (
+            isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes <= 0
+        ):
+            raise ValueError(
+                f"Muon: bucket_bytes={bucket_bytes!r} must be None (automatic) or a positive int"
+            )
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -160,6 +180,7 @@ class Muon(torch.optim.Optimizer):
         self.log_update_rms = log_update_rms
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
+        self.bucket_bytes = bucket_bytes
         # Mutated in place, never reassigned: torch.compile drops attribute writes on optimizers
         # (torch 2.14), but keeps dict updates.
         self._stats: dict[str, Any] = {"last_grad_norm": None, "skipped_steps": 0}
@@ -437,67 +458,162 @@ class Muon(torch.optim.Optimizer):
     def _step_foreach(
         self, work: list[tuple[int, dict, list[int], list[int]]], grad_scale: Tensor | None
     ) -> None:
-        # 1. Momentum for every Muon parameter, split into logical matrices and bucketed by (shape, device,
-        #    dtype, compute dtype, Newton-Schulz settings) across all groups.
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        pending: list[tuple[int, dict, list[int], list[list[tuple[tuple, int]]], list[Tensor]]] = []
+        """The fast path: AdamW by foreach ops, then Muon bucket by bucket.
+
+        Same-shape logical matrices (across parameters and groups) form a bucket; a bucket is processed in
+        chunks of at most :meth:`_chunk_bytes`, and a chunk's transient tensors (the stacked Nesterov
+        input, Newton-Schulz's iterates and output) are freed before the next one starts, so the step's peak
+        transient memory is about three chunks, not every update of the step at once. Gradients,
+        momentum buffers and parameters are reached through views (:func:`muon_opt.matrix_views`): the
+        momentum is advanced in place, and the scaled update is added straight into the parameter.
+        """
+        muon: list[_MuonParam] = []
         for gi, group, muon_idx, adamw_idx in work:
             self._adamw_group_foreach(gi, group, adamw_idx, grad_scale)
-            if not muon_idx:
+            muon += [_MuonParam(gi, group, j, group["params"][j]) for j in muon_idx]
+        if not muon:
+            return
+        buckets, alone = self._muon_buckets(muon)
+        sumsq: dict[int, list[Tensor]] | None = defaultdict(list) if self.log_update_rms else None
+        for m in alone:
+            self._muon_alone(m, grad_scale, sumsq)
+        cap = self._chunk_bytes(muon)
+        for fields, items in buckets.items():
+            key = _BucketKey(*fields)
+            for chunk in _chunks_of(items, cap, key.numel_bytes):
+                self._muon_chunk(key, chunk, muon, grad_scale, sumsq)
+        if sumsq is not None:
+            for n, parts in sumsq.items():
+                m = muon[n]
+                self._update_rms[_param_name(m.group, m.gi, m.j)] = torch.stack(
+                    parts
+                ).sum().sqrt() / math.sqrt(max(1, m.param.numel()))
+
+    def _muon_buckets(self, muon: list[_MuonParam]) -> tuple[dict[tuple, list[_Item]], list[_MuonParam]]:
+        """Phase 1: each Muon parameter's logical matrices as views, bucketed by what one batched Newton-Schulz
+        call and one foreach update need to share; parameters that cannot be viewed go ``alone``."""
+        buckets: dict[tuple, list[_Item]] = defaultdict(list)
+        alone: list[_MuonParam] = []
+        shared: dict[tuple, tuple] = {}  # (group, device, dtype) -> the bucket key's fields but the shape
+        for n, m in enumerate(muon):
+            p, group = m.param, m.group
+            grad, buf = p.grad, self.state[p]["momentum_buffer"]
+            spec = _spec_of(group, m.j)
+            if grad.dtype != p.dtype or buf.dtype != p.dtype:
+                alone.append(m)
                 continue
-            params = [group["params"][j] for j in muon_idx]
-            # The momentum step is the spec's own function (two cheap elementwise ops per tensor): foreach
-            # ops would round the scalar momentum to the buffer's dtype for bf16 (0.95 -> 0.9492).
-            updates = [
-                muon_update(
-                    _scaled(p.grad, grad_scale),
-                    self.state[p]["momentum_buffer"],
-                    momentum=group["momentum"],
-                    nesterov=group["nesterov"],
-                )
-                for p in params
-            ]
-            ns_key = (group["ns_steps"], group["ns_coefficients"], group["eps"])
-            slots_per_param = []
-            for j, p, u in zip(muon_idx, params, updates, strict=True):
-                dtype = resolve_ns_dtype(group["ns_dtype"], p.device, u.dtype)
-                slots = []
-                for mats in to_matrix_groups(u, _spec_of(group, j)):
-                    key = (tuple(mats.shape[1:]), mats.device, mats.dtype, dtype, ns_key)
-                    slots.append((key, len(buckets[key])))
-                    buckets[key].append(mats)
-                slots_per_param.append(slots)
-            pending.append((gi, group, muon_idx, slots_per_param, params))
-
-        # 2. One batched Newton-Schulz call per bucket.
-        results: dict[tuple, list[Tensor]] = {}
-        for key, mats in buckets.items():
-            _, _, _, dtype, (steps, coeffs, eps) = key
-            stacked = mats[0] if len(mats) == 1 else torch.cat(mats)
-            ortho = newton_schulz(stacked, steps, coeffs, eps, dtype=dtype)
-            results[key] = list(ortho.split([m.shape[0] for m in mats]))
-
-        # 3. Scale per logical matrix, reassemble, apply weight decay and the update.
-        for gi, group, muon_idx, slots_per_param, params in pending:
-            scaled_updates = []
-            for j, p, slots in zip(muon_idx, params, slots_per_param, strict=True):
-                pieces = []
-                for key, pos in slots:
-                    rows, cols = key[0]
-                    # results[key][pos] is a slice of a fresh Newton-Schulz output: scaling in place is safe.
-                    pieces.append(results[key][pos].mul_(update_scale(rows, cols, group["adjust_lr"])))
-                scaled = from_matrix_groups(pieces, p.shape, _spec_of(group, j))
-                scaled_updates.append(scaled)
-                if self.log_update_rms:
-                    self._update_rms[_param_name(group, gi, j)] = _rms(scaled)
-            lr, wd = group["lr"], group["weight_decay"]
-            if _foreach_exact(params) and not _tensor_scalars(lr, wd):
-                if wd != 0:
-                    torch._foreach_mul_(params, 1 - lr * wd)
-                torch._foreach_add_(params, scaled_updates, alpha=-lr)
+            if p.ndim == 2 and (spec is None or spec == _PLAIN) and p.is_contiguous() and buf.is_contiguous():
+                views: Iterable[tuple[Tensor, Tensor, Tensor]] = ((p, buf, grad),)
+                count = 1
             else:
-                for p, u in zip(params, scaled_updates, strict=True):
+                try:
+                    views = zip(
+                        matrix_views(p, spec),
+                        matrix_views(buf, spec),
+                        matrix_views(grad, spec, writable=False),
+                    )
+                except RuntimeError:  # a stride order that cannot be viewed as [n, A, B]
+                    alone.append(m)
+                    continue
+                count = 0  # from the view's shape
+            fields = shared.get((id(group), p.device, p.dtype))
+            if fields is None:
+                fields = shared[(id(group), p.device, p.dtype)] = (
+                    p.device,
+                    p.dtype,
+                    resolve_ns_dtype(group["ns_dtype"], p.device, p.dtype),
+                    (group["ns_steps"], group["ns_coefficients"], group["eps"]),
+                    group["momentum"],
+                    group["nesterov"],
+                    group["adjust_lr"],
+                )
+            for pv, bv, gv in views:
+                key = (pv.shape[-2], pv.shape[-1], *fields)
+                buckets[key].append(_Item(n, pv, bv, gv, count or pv.shape[0] * pv.shape[1]))
+        return buckets, alone
+
+    def _chunk_bytes(self, muon: list[_MuonParam]) -> int:
+        """Bytes of stacked matrices per batched Newton-Schulz call: ``bucket_bytes`` if set, else a quarter
+        of all Muon parameters' bytes (so three chunks' transients stay under 1x of them), at least 1 MiB
+        (a small model's buckets are never split) and at most 256 MiB (stacks that large gain nothing)."""
+        if self.bucket_bytes is not None:
+            return self.bucket_bytes
+        total = sum(m.param.numel() * m.param.element_size() for m in muon)
+        return min(max(total // 4, 1 << 20), 1 << 28)
+
+    def _muon_chunk(
+        self,
+        key: _BucketKey,
+        chunk: list[_Item],
+        muon: list[_MuonParam],
+        grad_scale: Tensor | None,
+        sumsq: dict[int, list[Tensor]] | None,
+    ) -> None:
+        """Phases 2-4 for one chunk: momentum and the Nesterov input into one stack, one batched Newton-Schulz
+        call, then the scaled update and decoupled weight decay into the parameters."""
+        counts = [it.count for it in chunk]
+        stack = torch.empty((sum(counts), key.rows, key.cols), dtype=key.dtype, device=key.device)
+        inputs = _stack_views(stack, chunk, counts)
+        bufs = [it.buf for it in chunk]
+        exact = key.dtype in (torch.float32, torch.float64)
+        # 2. M <- mu M + G and the matrix to orthogonalise, G + mu M (Nesterov) or M, as muon_update does.
+        _copy(inputs, [it.grad for it in chunk], exact)
+        if grad_scale is not None:
+            stack.mul_(grad_scale.to(stack.device))  # clipping: the same G * c as _scaled
+        _mul(bufs, key.momentum, exact)
+        _add(bufs, inputs, 1.0, exact)
+        if key.nesterov:
+            _add(inputs, bufs, key.momentum, exact)
+        else:
+            _copy(inputs, bufs, exact)
+        del inputs
+        # 3. One batched Newton-Schulz call, scaled per logical matrix (Moonlight's 0.2 sqrt(max(A, B))).
+        steps, coeffs, eps = key.ns
+        ortho = newton_schulz(stack, steps, coeffs, eps, dtype=key.ns_dtype)
+        del stack
+        ortho.mul_(update_scale(key.rows, key.cols, key.adjust_lr))
+        updates = _stack_views(ortho, chunk, counts)
+        if sumsq is not None:
+            for it, norm in zip(chunk, torch._foreach_norm(updates), strict=True):
+                sumsq[it.entry].append(norm.float().square())
+        # 4. W <- W (1 - lr wd) - lr * update, per param group (lr and wd are the group's).
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for i, it in enumerate(chunk):
+            by_group[muon[it.entry].gi].append(i)
+        for idx in by_group.values():
+            group = muon[chunk[idx[0]].entry].group
+            lr, wd = group["lr"], group["weight_decay"]
+            params, ups = [chunk[i].param for i in idx], [updates[i] for i in idx]
+            if exact and not _tensor_scalars(lr, wd):
+                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_add_(params, ups, alpha=-lr)
+            else:
+                for p, u in zip(params, ups, strict=True):
                     apply_update(p, u, lr=lr, weight_decay=wd)
+
+    def _muon_alone(
+        self, m: _MuonParam, grad_scale: Tensor | None, sumsq: dict[int, list[Tensor]] | None
+    ) -> None:
+        """One parameter the bucketed path cannot view (mixed dtypes, unusual strides): its own NS calls."""
+        p, group = m.param, m.group
+        spec = _spec_of(group, m.j)
+        u = muon_update(
+            _scaled(p.grad, grad_scale),
+            self.state[p]["momentum_buffer"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+        )
+        dtype = resolve_ns_dtype(group["ns_dtype"], p.device, u.dtype)
+        pieces = []
+        for mats in to_matrix_groups(u, spec):
+            ortho = newton_schulz(
+                mats, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype=dtype
+            )
+            pieces.append(ortho.mul_(update_scale(mats.shape[-2], mats.shape[-1], group["adjust_lr"])))
+        scaled = from_matrix_groups(pieces, p.shape, spec)
+        if sumsq is not None:
+            self._update_rms[_param_name(group, m.gi, m.j)] = _rms(scaled)
+        apply_update(p, scaled, lr=group["lr"], weight_decay=group["weight_decay"])
 
     def _adamw_group_foreach(
         self, gi: int, group: dict, adamw_idx: list[int], grad_scale: Tensor | None
@@ -530,6 +646,114 @@ class Muon(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- helpers of this module
+
+
+@dataclass
+class _MuonParam:
+    """A Muon parameter with a gradient in this step: its group index, group and position there."""
+
+    gi: int
+    group: dict[str, Any]
+    j: int
+    param: Tensor
+
+
+@dataclass(frozen=True)
+class _BucketKey:
+    """What the logical matrices stacked into one Newton-Schulz call must share."""
+
+    rows: int
+    cols: int
+    device: torch.device
+    dtype: torch.dtype
+    ns_dtype: torch.dtype
+    ns: tuple
+    momentum: float
+    nesterov: bool
+    adjust_lr: str
+
+    @property
+    def numel_bytes(self) -> int:
+        return self.rows * self.cols * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _Item(NamedTuple):
+    """One group of logical matrices of one parameter (or a slice of them along the first dim): views
+    ``[n, k, rows, cols]`` of the parameter, its momentum buffer and its gradient, or for a plain 2-D
+    parameter the ``[rows, cols]`` tensors themselves (no view to make, the common case kept cheap)."""
+
+    entry: int  # index of the parameter in the step's Muon list
+    param: Tensor
+    buf: Tensor
+    grad: Tensor
+    count: int  # logical matrices: n * k, or 1
+
+
+def _chunks_of(items: list[_Item], cap_bytes: int, matrix_bytes: int) -> Iterator[list[_Item]]:
+    """``items`` in runs of at most ``cap_bytes`` of matrices (at least one matrix per run); an item with
+    more matrices than fit is cut along its first dim."""
+    cap = max(1, cap_bytes // matrix_bytes)
+    run: list[_Item] = []
+    used = 0
+    for it in items:
+        if it.param.ndim == 2:  # a plain matrix: one, never cut
+            per, n = 1, 1
+        else:
+            per, n = it.param.shape[1], it.param.shape[0]  # matrices per index of the first dim
+        start = 0
+        while start < n:
+            room = (cap - used) // per
+            if room == 0 and run:
+                yield run
+                run, used = [], 0
+                continue
+            stop = min(n, start + max(1, room))
+            piece = (
+                it
+                if (start, stop) == (0, n)
+                else _Item(
+                    it.entry,
+                    it.param[start:stop],
+                    it.buf[start:stop],
+                    it.grad[start:stop],
+                    (stop - start) * per,
+                )
+            )
+            run.append(piece)
+            used += piece.count
+            start = stop
+    if run:
+        yield run
+
+
+def _stack_views(stack: Tensor, chunk: list[_Item], counts: list[int]) -> list[Tensor]:
+    """Views of the stacked ``[sum(counts), rows, cols]`` tensor shaped like each item's views."""
+    if len(counts) == stack.shape[0] and all(it.param.ndim == 2 for it in chunk):
+        return list(stack.unbind(0))
+    return [s.view(it.param.shape) for s, it in zip(stack.split(counts), chunk, strict=True)]
+
+
+def _copy(dst: list[Tensor], src: list[Tensor], exact: bool) -> None:
+    del exact  # a copy rounds nothing
+    torch._foreach_copy_(dst, src)
+
+
+def _mul(xs: list[Tensor], scalar: float, exact: bool) -> None:
+    """``x *= scalar`` for each; per tensor when foreach would round ``scalar`` to a bf16/fp16 dtype."""
+    if exact:
+        torch._foreach_mul_(xs, scalar)
+    else:
+        for x in xs:
+            x.mul_(scalar)
+
+
+def _add(xs: list[Tensor], ys: list[Tensor], alpha: float, exact: bool) -> None:
+    """``x += alpha * y`` for each (see :func:`_mul` on rounding)."""
+    if exact:
+        torch._foreach_add_(xs, ys, alpha=alpha)
+    else:
+        for x, y in zip(xs, ys, strict=True):
+            x.add_(y, alpha=alpha)
 
 
 def _foreach_exact(tensors: list[Tensor]) -> bool:
