@@ -13,12 +13,12 @@ from proml_ner.cli import main
 from proml_ner.experiment import (
     RunConfig,
     apply_overrides,
-    build_episodes,
     bundled_configs,
     load_config_dict,
     load_run_config,
 )
 from proml_ner.formats import Sentence, write_conll, write_fewnerd_episodes
+from proml_ner.protocols import build_episodes
 from proml_ner.synthetic import synthetic_corpus, synthetic_episodes
 
 FEWNERD = [
@@ -53,7 +53,8 @@ def test_bundled_config_parses_with_paper_hyperparameters(name):
         assert (cfg.episodes.train, cfg.episodes.dev, cfg.episodes.test) == (0, 500, 5000)
     else:
         assert cfg.episodes.protocol == "full_test" and cfg.model.top_k == 1
-        assert cfg.train.finetune_steps == (10 if name in TRANSFER else 0)
+        assert cfg.train.finetune_steps == (11 if name in TRANSFER else 0)
+        assert cfg.train.finetune_early_stop and not cfg.train.finetune_dropout
     if name in ONTONOTES:
         assert len(cfg.data.train_types) == 12 and len(cfg.data.test_types) == 6
         assert not set(cfg.data.train_types) & set(cfg.data.test_types)

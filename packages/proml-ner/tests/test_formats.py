@@ -144,3 +144,48 @@ def test_gliner_json_roundtrip(tmp_path):
 def test_episode_rejects_foreign_labels():
     with pytest.raises(ValueError, match="not in types"):
         Episode(["a"], [Sentence(["x"], ["b"])])
+
+
+def test_conll_tabs_spaces_in_tags_and_messy_rows(tmp_path):
+    from proml_ner.formats import ReadReport
+
+    p = tmp_path / "m.conll"
+    # a TAB file: a tag with a space is kept whole; a TAB-only line ends a sentence; a zero-width space
+    # is removed; a token that is only invisible characters and a row without a tag are dropped
+    p.write_text(
+        "New York\tB-city name\nrocks\tO\n\t\nHi\u200b\tO\n\u200b\tO\nMumbai\tB-city name\nlonely\n\n",
+        encoding="utf-8",
+    )
+    rep = ReadReport()
+    sents = read_conll(p, report=rep)
+    assert sents == [
+        Sentence(["New York", "rocks"], ["city name", "O"]),
+        Sentence(["Hi", "Mumbai"], ["O", "city name"]),
+    ]
+    assert rep.separator_lines == 1 and rep.sentences == 2 and rep.tokens == 4
+    assert [n for n, _ in rep.cleaned] == [4, 5]
+    assert [n for n, _ in rep.skipped] == [5, 7] and "no tag column" in rep.skipped[1][1]
+    assert "2 rows skipped" in rep.summary()
+    p.write_text("EU\tB-ORG\nsays\tO\nGATE\tX-ORG\n")
+    with pytest.raises(FormatError, match=r"m.conll:3: tag 'X-ORG' has the unknown prefix 'X-'"):
+        read_conll(p)
+
+
+def test_wnut17_benchmark_copy_reads_with_its_report():
+    from pathlib import Path
+
+    from proml_ner.formats import ReadReport
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "wnut17"
+    if not root.is_dir():
+        pytest.skip("benchmarks/data/wnut17 is not in this tree")
+    rep = ReadReport()
+    train = read_conll(root / "wnut17train.conll", report=rep)
+    # counts from the dataset's own files (blank/TAB-only lines between sentences, BIO tags)
+    assert len(train) == 3394 and rep.separator_lines == 2394 and rep.merged == 16
+    types = {t for s in train for t in s.types}
+    assert types == {"corporation", "creative-work", "group", "location", "person", "product"}
+    rep = ReadReport()
+    dev = read_conll(root / "emerging.dev.conll", report=rep)
+    assert len(dev) == 1009 and [n for n, _ in rep.cleaned] == [15556, 16730]
+    assert "Dubbz" in {w for s in dev for w in s.words}

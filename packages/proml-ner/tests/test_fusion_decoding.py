@@ -73,3 +73,34 @@ def test_transitions_estimate_and_rows_normalised():
     log_t, log_s = AbstractTransitions().matrix(3)
     torch.testing.assert_close(log_t.exp().sum(1), torch.ones(4, dtype=torch.float64))
     assert log_s.exp().sum().item() == pytest.approx(1.0)
+
+
+def test_merge_spans_grows_entities_over_close_words():
+    from proml_ner.decoding import merge_spans
+
+    # "Barack Obama visited": Obama is a little closer to O (0.55) than to person (0.4)
+    probs = torch.tensor([[0.1, 0.9, 0.0], [0.55, 0.4, 0.05], [0.9, 0.05, 0.05]])
+    path = probs.argmax(-1).tolist()
+    assert path == [1, 0, 0]
+    assert merge_spans(path, probs, 0.0) == [1, 0, 0]  # off
+    assert merge_spans(path, probs, 0.5) == [1, 1, 0]  # 0.4 >= 0.5 * 0.55
+    assert merge_spans(path, probs, 0.8) == [1, 0, 0]  # 0.4 < 0.8 * 0.55
+    # a word whose best entity class is another type never joins
+    probs2 = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]])
+    assert merge_spans([1, 0], probs2, 0.1) == [1, 0]
+    # growth repeats: "King 's College London" cut to "London"
+    probs3 = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4], [0.2, 0.8]])
+    assert merge_spans([0, 0, 0, 1], probs3, 0.5) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="ratio=2"):
+        merge_spans([0], probs3[:1], 2)
+
+
+def test_neighbour_scale_is_the_median_nearest_other_distance():
+    from proml_ner.decoding import neighbour_scale
+
+    d = torch.tensor([[0.0, 1.0, 4.0], [1.0, 0.0, 9.0], [4.0, 9.0, 0.0]])
+    assert neighbour_scale(d) == pytest.approx(1.0)  # nearest others: 1, 1, 4
+    assert neighbour_scale(2 * d) == pytest.approx(2.0)  # follows the space's units
+    assert neighbour_scale(torch.zeros(1, 1)) == 1.0
+    with pytest.raises(ValueError, match="square"):
+        neighbour_scale(torch.zeros(2, 3))

@@ -70,3 +70,27 @@ def test_mean_std():
     assert m == 2.0 and s == pytest.approx(1.0)
     with pytest.raises(ValueError, match="empty"):
         mean_std([])
+
+
+def test_flattened_metric_merges_entities_across_sentence_edges():
+    """Few-NERD's released metric joins a batch's sentences: a PER ending one sentence and a PER
+    starting the next are one entity there, two in the per-sentence count."""
+    from proml_ner.metrics import mean_f1, score_flattened
+
+    gold = [["O", "PER"], ["PER", "O"], ["LOC"]]
+    pred = [["O", "PER"], ["PER", "O"], ["O"]]
+    per_sentence = score(gold, pred)
+    flat = score_flattened(gold, pred)
+    assert (per_sentence.gold, per_sentence.pred, per_sentence.correct) == (3, 2, 2)
+    assert (flat.gold, flat.pred, flat.correct) == (2, 1, 1)
+    # a prediction that ends a sentence's entity early still merges with the next sentence's
+    assert score_flattened([["PER"], ["PER"]], [["PER"], ["O"]]).correct == 0
+    # mean over support sets is the plain mean of each set's F1, not the pooled F1
+    a, b = score([["PER"]], [["PER"]]), score([["PER", "O", "LOC"]], [["O", "O", "O"]])
+    assert mean_f1([a, b]) == pytest.approx(0.5)
+    pooled = EntityCounts()
+    pooled += a
+    pooled += b
+    assert pooled.f1 == pytest.approx(2 * 1.0 * (1 / 3) / (1 + 1 / 3))
+    with pytest.raises(ValueError, match="differ in length"):
+        score_flattened([["O"]], [["O", "O"]])

@@ -14,6 +14,7 @@ from proml_ner.cli import main
 from proml_ner.formats import Sentence
 from proml_ner.model import ProML, ProMLConfig
 from proml_ner.pipeline import ProMLNer, SupportIndex
+from proml_ner.words import split_words
 
 SUPPORT = [
     {
@@ -68,9 +69,50 @@ def test_index_and_model_save_load_roundtrip(ner, tmp_path):
     assert ner2.predict(text, support=back) == ner.predict(text, support=index)
 
 
-def test_zero_shot_fallback(ner):
-    out = ner.predict(["Serena Williams won in Paris ."], labels=["athlete", "city"])
-    assert isinstance(out[0], list)
+def test_zero_shot_fallback_on_values(ner):
+    text = "Serena Williams won in Paris ."
+    types = ["athlete", "city"]
+    with torch.no_grad():
+        E, reps = ner._zero_shot_vectors([split_words(text)], types)
+    sim = torch.nn.functional.normalize(reps[0], dim=-1) @ E.T
+    # every word above a threshold below all similarities: each takes its most similar label
+    _, tags = ner.predict([text], labels=types, return_tags=True, zero_shot_threshold=-1.0)
+    assert tags[0] == [types[i] for i in sim.argmax(-1).tolist()]
+    # a threshold above every similarity labels nothing
+    out, tags = ner.predict([text], labels=types, return_tags=True, zero_shot_threshold=1.01)
+    assert out == [[]] and tags[0] == ["O"] * 6
+    cut = float(sim.max(-1).values.median())
+    _, tags = ner.predict([text], labels=types, return_tags=True, zero_shot_threshold=cut)
+    assert [t != "O" for t in tags[0]] == (sim.max(-1).values > cut).tolist()
+
+
+def test_scores_vary_and_threshold_drops_spans(ner):
+    index = ner.support(SUPPORT)
+    texts = ["Serena Williams won in Paris .", "Usain Bolt ran in Kingston and Lagos ."]
+    out = ner.predict(texts, support=index)
+    scores = [e["score"] for ents in out for e in ents]
+    assert scores and all(0.0 < x <= 1.0 for x in scores)
+    if len(scores) > 1:
+        assert max(scores) - min(scores) > 1e-3  # distance-based, not saturated at 1
+    cut = sorted(scores)[len(scores) // 2]
+    kept = ner.predict(texts, support=index, threshold=cut)
+    assert sorted(e["score"] for ents in kept for e in ents) == sorted(x for x in scores if x >= cut)
+    with pytest.raises(ValueError, match=r"threshold=1.5 must be in \[0, 1\]"):
+        ner.predict(texts, support=index, threshold=1.5)
+
+
+def test_labels_checks_name_the_problem(ner):
+    index = ner.support(SUPPORT)
+    with pytest.raises(ValueError, match=r"labels \['drug'\] are not in the support index"):
+        ner.predict(["BRCA1 is a gene ."], support=index, labels=["athlete", "city", "drug"])
+    with pytest.raises(ValueError, match=r"got the string 'drug'; pass \['drug'\]"):
+        ner.predict(["BRCA1 is a gene ."], support=index, labels="drug")
+    with pytest.raises(ValueError, match="got the string"):
+        ner.predict(["BRCA1 is a gene ."], labels="drug")
+    with pytest.raises(ValueError, match=r"cuts into a word.*'Serena Williams'"):
+        ner.support(
+            [{"text": "Serena Williams won.", "spans": [{"start": 0, "end": 10, "label": "athlete"}]}]
+        )
 
 
 @pytest.mark.parametrize(
@@ -133,7 +175,13 @@ def test_cli_end_to_end(tokenizer, tmp_path, capsys):
         == 0
     )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["text"] == "Serena won in Paris ." and isinstance(line["entities"], list)
+    assert line["text"] == "Serena won in Paris ."
+    # the CLI gives what the Python API gives for the same model, support and text
+    from proml_ner.formats import read_conll
+
+    api = ProMLNer.from_pretrained(tmp_path / "model")
+    expected = api.predict(["Serena won in Paris ."], support=api.support(read_conll(sup)))[0]
+    assert line["entities"] == json.loads(json.dumps(expected))
     flat = tmp_path / "flat.txt"
     assert main(["convert", "--from", "conll", "--to", "fewnerd-flat", str(sup), str(flat)]) == 0
     assert flat.read_text().startswith("Serena\tathlete\n")

@@ -62,7 +62,7 @@ def _progress():
 
 def _provenance(cfg, splits: tuple[str, ...]) -> dict:
     from . import __version__
-    from .experiment import data_fingerprint
+    from .provenance import data_fingerprint
 
     return {
         "setting": cfg.name,
@@ -81,8 +81,8 @@ def cmd_configs(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .experiment import build_episodes
     from .model import ProML, ProMLConfig
+    from .protocols import build_episodes
     from .train import train
 
     cfg = _run_config(args)
@@ -119,9 +119,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .experiment import build_episodes
     from .metrics import error_analysis, write_episode_csv
     from .model import ProML
+    from .protocols import build_episodes
     from .train import evaluate
 
     cfg = _run_config(args)
@@ -140,6 +140,8 @@ def cmd_eval(args) -> int:
         "f1": res.counts.f1,
         "precision": res.counts.precision,
         "recall": res.counts.recall,
+        "f1_mean_over_supports": res.mean_f1,
+        "f1_fewnerd_flattened": res.flattened.f1,
         "episodes": len(eps),
         "protocol": cfg.episodes.protocol,
         **_provenance(cfg, ("test",)),

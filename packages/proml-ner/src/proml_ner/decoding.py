@@ -18,7 +18,14 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-__all__ = ["AbstractTransitions", "class_scores", "squared_euclidean", "viterbi_decode"]
+__all__ = [
+    "AbstractTransitions",
+    "class_scores",
+    "merge_spans",
+    "neighbour_scale",
+    "squared_euclidean",
+    "viterbi_decode",
+]
 
 
 def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
@@ -42,6 +49,31 @@ def class_scores(dist: Tensor, support_labels: Tensor, n_classes: int, k: int) -
         near = dist.index_select(1, cols).topk(kk, dim=1, largest=False).values
         out[:, c] = -near.mean(1)
     return out
+
+
+def neighbour_scale(support_dist: Tensor) -> float:
+    """The support's typical neighbour distance: the median, over support words, of the distance to the
+    nearest *other* support word (zero distances, i.e. duplicate vectors, left out); 1.0 when there is
+    none. ``support_dist`` is the (S, S) distance matrix of the support with itself.
+
+    Class scores divided by it are free of the space's units (squared Euclidean on the encoder, KL on the
+    Gaussians): a score gap of one typical neighbour distance is one nat of log-probability.
+    """
+    if support_dist.ndim != 2 or support_dist.shape[0] != support_dist.shape[1]:
+        raise ValueError(
+            f"neighbour_scale: support_dist must be square (S, S), got {tuple(support_dist.shape)}"
+        )
+    n = support_dist.shape[0]
+    if n < 2:
+        return 1.0
+    d = support_dist.detach().float().clone()
+    d.fill_diagonal_(float("inf"))
+    d = d.masked_fill(d <= 0, float("inf"))
+    nearest = d.min(1).values
+    nearest = nearest[torch.isfinite(nearest)]
+    if nearest.numel() == 0:
+        return 1.0
+    return float(nearest.median().clamp_min(1e-12))
 
 
 @dataclass
@@ -118,3 +150,37 @@ def viterbi_decode(emissions: Tensor, log_trans: Tensor, log_start: Tensor, weig
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     return path[::-1]
+
+
+def merge_spans(path: Sequence[int], probs: Tensor, ratio: float) -> list[int]:
+    """Grow each entity run of ``path`` (class ids, 0 = O) over adjacent ``O`` words that are close to
+    its type: a word joins when the run's class is its most likely entity class and
+    ``p(class) >= ratio * p(O)``. Repeats until nothing changes, so "Barack [Obama]" becomes one span
+    when "Barack" is nearly as close to the person words as to O. ``ratio`` in (0, 1]; 0 turns it off.
+
+    A nearest-neighbour decoder labels each word on its own, and the second word of a name (a surname,
+    "London" in "King's College London") is often nearer the support's O words than its first word is.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"merge_spans: ratio={ratio} must be in [0, 1] (0: off)")
+    out = list(path)
+    if ratio == 0.0 or not out:
+        return out
+    p = probs.detach().float()
+    if p.shape[0] != len(out):
+        raise ValueError(f"merge_spans: {len(out)} labels but probs has {p.shape[0]} rows")
+    best_entity = p[:, 1:].argmax(1) + 1 if p.shape[1] > 1 else torch.zeros(len(out), dtype=torch.long)
+    changed = True
+    while changed:
+        changed = False
+        for i, c in enumerate(out):
+            if c != 0:
+                continue
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(out) and out[j] != 0:
+                    t = out[j]
+                    if int(best_entity[i]) == t and float(p[i, t]) >= ratio * float(p[i, 0]):
+                        out[i] = t
+                        changed = True
+                        break
+    return out

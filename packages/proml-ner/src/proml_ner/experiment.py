@@ -17,23 +17,19 @@ could not be read to cross-check them): AdamW, lr 3e-5, 10% linear warm-up,
 lr 3e-5. Data paths are left for the user: no config downloads anything. ``data.root`` and every
 path expand ``~`` and ``$VARS``; relative paths are taken under ``data.root``.
 
-Result files written by :func:`proml_ner.cli.main` record the setting, the seed, ``data.version`` (free
-text the user fills in) and a SHA-256 fingerprint of every data file read, so two results can be told
-apart even when the version string was forgotten.
+Episodes are built from a config by :mod:`proml_ner.protocols`; result files carry the provenance of
+:mod:`proml_ner.provenance`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
-import random
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .formats import Episode, Sentence
 from .model import ProMLConfig
 from .train import TrainConfig
 
@@ -42,11 +38,8 @@ __all__ = [
     "EpisodeConfig",
     "RunConfig",
     "apply_overrides",
-    "build_episodes",
     "bundled_configs",
-    "data_fingerprint",
     "load_run_config",
-    "sha256_file",
 ]
 
 FORMATS = ("fewnerd-episodes", "fewnerd-flat", "conll", "synthetic")
@@ -270,114 +263,3 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 def load_run_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A validated :class:`RunConfig` from a bundled name or a file, with ``--set`` style overrides."""
     return RunConfig.from_dict(apply_overrides(load_config_dict(name_or_path), overrides or []))
-
-
-# ------------------------------------------------------------------------------------------------ data
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (data files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_fingerprint(cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev", "test")) -> dict:
-    """What the result files record about the data: version, paths and SHA-256 of each file read."""
-    files: dict[str, Any] = {}
-    names = [s for s in splits if getattr(cfg.data, s)]
-    if "test" in splits:
-        names += cfg.data.support_files
-    for name in names:
-        path = cfg.data.path(name)
-        if path.startswith("synthetic"):
-            files[name] = {"path": path, "generator": "proml_ner.synthetic"}
-            continue
-        files[name] = {"path": path, "sha256": sha256_file(path)}
-    return {"format": cfg.data.format, "version": cfg.data.version, "files": files}
-
-
-def _restrict(sentences: list[Sentence], keep: list[str]) -> list[Sentence]:
-    if not keep:
-        return sentences
-    allowed = set(keep)
-    return [Sentence(s.words, [x if x in allowed else "O" for x in s.labels]) for s in sentences]
-
-
-def _read_sentences(cfg: RunConfig, path: str) -> list[Sentence]:
-    """A flat corpus file in the config's ``data.format`` (CoNLL columns or Few-NERD flat)."""
-    from .formats import read_conll, read_fewnerd_flat
-
-    if cfg.data.format == "conll":
-        return read_conll(path, cfg.data.token_column, cfg.data.tag_column)
-    return read_fewnerd_flat(path)
-
-
-def _read_corpus(cfg: RunConfig, which: str, keep: list[str], seed: int) -> list[Sentence]:
-    from .synthetic import synthetic_corpus
-
-    path = cfg.data.path(which)
-    if path.startswith("synthetic"):
-        split = path.split(":", 1)[1] if ":" in path else ("train" if which == "train" else "test")
-        n = max(400, 40 * cfg.episodes.n_way * cfg.episodes.k_shot)
-        sents = synthetic_corpus(split, n, seed=seed)
-    else:
-        sents = _read_sentences(cfg, path)
-    return _restrict(sents, keep)
-
-
-def build_episodes(cfg: RunConfig, split: str) -> list[Episode]:
-    """Episodes of ``split`` (``train``/``dev``/``test``) as the config's protocol defines them.
-
-    Seeds: train episodes use ``seed``, dev ``seed + 1``, test ``seed + 2`` (recorded in results).
-    """
-    from .formats import read_fewnerd_episodes
-    from .sampler import sample_episodes
-
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"build_episodes: split={split!r} must be 'train', 'dev' or 'test'")
-    ep = cfg.episodes
-    seed = cfg.seed + {"train": 0, "dev": 1, "test": 2}[split]
-    count = getattr(ep, split)
-    path = cfg.data.path(split)
-    n_way, k_shot = ep.n_way, ep.k_shot
-    if split in ("train", "dev"):
-        # dev episodes select the checkpoint the way training sees data: N-way K~2K-shot episodes
-        n_way, k_shot = ep.train_n_way or n_way, ep.train_k_shot or k_shot
-    if cfg.data.format == "fewnerd-episodes" and not path.startswith("synthetic"):
-        return read_fewnerd_episodes(path)[:count] if count else read_fewnerd_episodes(path)
-    keep = cfg.data.train_types if split == "train" else cfg.data.test_types
-    corpus = _read_corpus(cfg, split, keep, seed)
-    if split != "test" or ep.protocol == "episodes":
-        return sample_episodes(corpus, n_way, k_shot, count, seed=seed + 1000)
-    return _full_test_episodes(cfg, corpus, seed)
-
-
-def _full_test_episodes(cfg: RunConfig, corpus: list[Sentence], seed: int) -> list[Episode]:
-    """Support sets of every type of the test corpus (K~2K each), the rest of the corpus as query.
-
-    The protocol of the OntoNotes tag-extension and domain-transfer settings (Das et al. 2022; ProML
-    experiments): ``support_files`` when given, else ``support_sets`` greedy samples over all types.
-    """
-    from .sampler import sample_support
-
-    types = sorted({t for s in corpus for t in s.types})
-    if not types:
-        raise ValueError("full_test: the test corpus has no entity of the kept types (data.test_types)")
-    supports: list[list[Sentence]] = []
-    if cfg.data.support_files:
-        keep = cfg.data.test_types
-        supports = [_restrict(_read_sentences(cfg, cfg.data.path(f)), keep) for f in cfg.data.support_files]
-    else:
-        rng = random.Random(seed)
-        for _ in range(cfg.episodes.support_sets):
-            supports.append(sample_support(corpus, types, cfg.episodes.k_shot, rng))
-    episodes = []
-    for support in supports:
-        used = {id(s) for s in support}
-        query = [s for s in corpus if id(s) not in used]
-        extra = sorted({t for s in support for t in s.types} - set(types))
-        if extra:
-            raise ValueError(f"full_test: support files hold types {extra} absent from the test corpus")
-        episodes.append(Episode(types, support, query))
-    return episodes

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
 __all__ = [
     "Episode",
     "FormatError",
+    "ReadReport",
     "Scheme",
     "Sentence",
     "detect_scheme",
@@ -136,21 +138,6 @@ def to_io(tags: Sequence[str], scheme: Scheme | None = None) -> list[str]:
     return out
 
 
-def _validate_tags(tags: Sequence[str], scheme: Scheme) -> str | None:
-    """An error message if ``tags`` are not valid for ``scheme``, else None."""
-    for i, tag in enumerate(tags):
-        if tag == OUTSIDE:
-            continue
-        if scheme == "IO":
-            continue
-        if not (len(tag) > 2 and tag[1] == "-"):
-            return f"tag {tag!r} at position {i} has no {scheme} prefix"
-        allowed = "BI" if scheme == "BIO" else "BIESLU"
-        if tag[0] not in allowed:
-            return f"tag {tag!r} at position {i} is not a {scheme} tag"
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- readers
 
 
@@ -239,38 +226,160 @@ def read_fewnerd_flat(path: str | Path) -> list[Sentence]:
     return out
 
 
-def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) -> list[Sentence]:
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))  # zero-width, BOM, soft hyphen
+
+
+@dataclass
+class ReadReport:
+    """What :func:`read_conll` did not take verbatim, so a messy corpus is read knowingly.
+
+    separator_lines: lines holding only whitespace (WNUT-17's train split ends sentences with a TAB),
+    read as sentence breaks. docstart: ``-DOCSTART-`` lines skipped. cleaned: (line, token) pairs whose
+    invisible characters (zero-width space, BOM, soft hyphen) were removed. skipped: (line, reason) for
+    rows that were dropped (an empty token, a missing tag). no_tab: lines of a TAB-separated file read by
+    splitting on other whitespace. merged: adjacent same-type entities (``B-x B-x``) that the IO scheme
+    joins into one.
+    """
+
+    path: str = ""
+    sentences: int = 0
+    tokens: int = 0
+    separator_lines: int = 0
+    docstart: int = 0
+    cleaned: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    no_tab: list[int] = field(default_factory=list)
+    merged: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: {self.sentences} sentences, {self.tokens} tokens"]
+        if self.separator_lines:
+            parts.append(f"{self.separator_lines} whitespace-only lines read as sentence breaks")
+        if self.docstart:
+            parts.append(f"{self.docstart} -DOCSTART- lines skipped")
+        if self.cleaned:
+            parts.append(
+                f"invisible characters removed from {len(self.cleaned)} tokens (lines "
+                + ", ".join(str(n) for n, _ in self.cleaned[:5])
+                + ("..." if len(self.cleaned) > 5 else "")
+                + ")"
+            )
+        if self.no_tab:
+            parts.append(f"{len(self.no_tab)} rows without a TAB split on whitespace")
+        if self.skipped:
+            parts.append(
+                f"{len(self.skipped)} rows skipped ("
+                + "; ".join(f"line {n}: {why}" for n, why in self.skipped[:5])
+                + ("..." if len(self.skipped) > 5 else "")
+                + ")"
+            )
+        if self.merged:
+            parts.append(f"{self.merged} adjacent same-type entities merged by the IO scheme")
+        return "; ".join(parts)
+
+
+def _prefix_error(tags: Sequence[str], scheme: Scheme) -> tuple[int, str] | None:
+    """(position, message) of the first tag that is not valid for ``scheme``, else None."""
+    allowed = "BI" if scheme == "BIO" else "BIESLU"
+    for i, tag in enumerate(tags):
+        if tag == OUTSIDE or scheme == "IO":
+            continue
+        head, dash, _ = tag.partition("-")
+        if not dash or not head:
+            return i, f"tag {tag!r} has no {scheme} prefix (the file was detected as {scheme})"
+        if head not in allowed:
+            return i, (
+                f"tag {tag!r} has the unknown prefix {head + '-'!r}; {scheme} tags start with "
+                + " or ".join(f"{c}-" for c in allowed)
+            )
+    return None
+
+
+def read_conll(
+    path: str | Path,
+    token_column: int = 0,
+    tag_column: int = -1,
+    report: ReadReport | None = None,
+) -> list[Sentence]:
     """CoNLL column files; the tag scheme (BIO, IOBES or IO) is detected and converted to IO.
 
-    ``-DOCSTART-`` lines are skipped. Columns are split on whitespace.
+    A file with a TAB on any row is split on TABs only, so a tag (or token) holding spaces is kept
+    whole; other files are split on any whitespace. Lines of only whitespace end a sentence,
+    ``-DOCSTART-`` lines are skipped, invisible characters (zero-width space, BOM) are removed from tokens,
+    rows whose token is then empty or whose tag is missing are dropped; ``report`` (a
+    :class:`ReadReport`) receives all of it. A tag with an unknown prefix (``X-person`` in a BIO file) is
+    a :class:`FormatError` naming the file and line.
     """
     path = Path(path)
-    blocks = _read_columns(path, None)
-    parsed = []
-    for rows, _ in blocks:
-        words, tags, lines = [], [], []
-        for cols in rows:
-            lineno = int(cols[-1])
-            cols = cols[:-1]
-            if len(cols) < 2:
-                raise FormatError(path, lineno, "expected at least a token and a tag column")
-            try:
-                words.append(cols[token_column])
-                tags.append(cols[tag_column])
-            except IndexError:
-                raise FormatError(
-                    path, lineno, f"no column {token_column} or {tag_column} in a row of {len(cols)}"
-                ) from None
-            lines.append(lineno)
-        parsed.append((words, tags, lines))
+    rep = report if report is not None else ReadReport()
+    rep.path = str(path)
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    tab = any("\t" in line and line.strip() for line in lines)
+    parsed: list[tuple[list[str], list[str], list[int]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    rows: list[int] = []
+
+    def flush() -> None:
+        nonlocal words, tags, rows
+        if words:
+            parsed.append((words, tags, rows))
+        words, tags, rows = [], [], []
+
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            if raw:
+                rep.separator_lines += 1
+            flush()
+            continue
+        if raw.startswith("-DOCSTART-"):
+            rep.docstart += 1
+            flush()
+            continue
+        if tab and "\t" in raw:
+            cols = raw.split("\t")
+        else:
+            cols = raw.split()
+            if tab:
+                rep.no_tab.append(lineno)
+        if len(cols) < 2:
+            rep.skipped.append((lineno, f"no tag column in {raw!r}"))
+            continue
+        try:
+            word, tag = cols[token_column], cols[tag_column].strip()
+        except IndexError:
+            raise FormatError(
+                path, lineno, f"no column {token_column} or {tag_column} in a row of {len(cols)}"
+            ) from None
+        clean = word.translate(_INVISIBLE).strip()
+        if clean != word:
+            rep.cleaned.append((lineno, word))
+        if not clean:
+            rep.skipped.append((lineno, f"empty token {word!r}"))
+            continue
+        if not tag:
+            rep.skipped.append((lineno, f"empty tag for token {clean!r}"))
+            continue
+        words.append(clean)
+        tags.append(tag)
+        rows.append(lineno)
+    flush()
     scheme = detect_scheme(t for _, t, _ in parsed)
     out = []
-    for words, tags, lines in parsed:
-        msg = _validate_tags(tags, scheme)
-        if msg is not None:
-            pos = int(msg.split("position ")[1].split()[0])
-            raise FormatError(path, lines[pos], f"{msg} (the file was detected as {scheme})")
+    for words, tags, rows in parsed:
+        bad = _prefix_error(tags, scheme)
+        if bad is not None:
+            raise FormatError(path, rows[bad[0]], bad[1])
+        if scheme != "IO":
+            rep.merged += sum(
+                1
+                for a, b in pairwise(tags)
+                if b[0] in "BS" and a != OUTSIDE and a[0] in "BIES" and a[2:] == b[2:]
+            )
         out.append(Sentence(words, to_io(tags, scheme)))
+    rep.sentences = len(out)
+    rep.tokens = sum(len(s.words) for s in out)
     return out
 
 

@@ -2,9 +2,11 @@
 Das et al., ACL 2022).
 
 Each word vector ``h`` maps to a diagonal Gaussian ``N(mu, diag(var))``: ``mu = W_mu relu(h)``,
-``var = elu(W_var relu(h)) + 1 + eps`` (positive). Distances are the symmetric KL divergence
+``var = elu(W_var relu(h)) + 1 + eps`` (positive). :func:`sym_kl` is the symmetric KL divergence
 ``d(p, q) = (KL(p||q) + KL(q||p)) / 2``, whose log-determinant terms cancel:
 ``d = 1/4 * sum_k [var_p/var_q + var_q/var_p + (mu_p - mu_q)^2 (1/var_p + 1/var_q) - 2]``.
+The model's distance is ``ProMLConfig.kl_scale * (KL + KL)``: the authors' code uses the plain sum
+(``kl_scale = 1``), twice this mean.
 
 :func:`sym_kl_reference` broadcasts that formula over all pairs (readable, O(N M D) memory);
 :func:`sym_kl` expands the squares into matrix products (O(N M) memory) and is tested against it.
@@ -68,7 +70,11 @@ def sym_kl(mu_a: Tensor, var_a: Tensor, mu_b: Tensor, var_b: Tensor) -> Tensor:
 
 
 def nca_loss(
-    dist: Tensor, query_labels: Tensor, support_labels: Tensor, exclude: Tensor | None = None
+    dist: Tensor,
+    query_labels: Tensor,
+    support_labels: Tensor,
+    exclude: Tensor | None = None,
+    zero_nonfinite: bool = True,
 ) -> Tensor:
     """Contrastive nearest-neighbour loss over distances ``dist`` (Q, S), in log space.
 
@@ -76,6 +82,8 @@ def nca_loss(
     ``-log( sum_{j: y_j = y_i} exp(-d_ij) / sum_j exp(-d_ij) )``, computed as a difference of
     ``logsumexp``; the mean is over those tokens. ``exclude`` (Q, S) bool drops pairs (a token and itself
     in test-time fine-tuning). Returns 0 (with a graph) when no query token has a positive.
+    ``zero_nonfinite`` sets a token's term to 0 when it is not finite (an infinite distance), as the
+    authors' code does; in log space that is the only way a term can be non-finite.
     """
     logits = -dist
     if exclude is not None:
@@ -89,4 +97,7 @@ def nca_loss(
     logits, pos = logits[has_pos], pos[has_pos]
     num = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
     den = torch.logsumexp(logits, dim=1)
-    return (den - num).mean()
+    per_token = den - num
+    if zero_nonfinite:
+        per_token = torch.where(torch.isfinite(per_token), per_token, torch.zeros_like(per_token))
+    return per_token.mean()

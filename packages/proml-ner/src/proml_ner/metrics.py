@@ -4,6 +4,14 @@ Few-NERD (Ding et al., ACL 2021, Sec. 5.1) labels words in the IO scheme; an ent
 words with one label, and a prediction counts when span and type both match. Counts are summed over all
 episodes before P/R/F1 are formed (micro average). Writing IO labels as ``I-<type>`` makes seqeval's
 default mode compute exactly the same numbers; ``tests/test_metrics.py`` checks that on random sequences.
+
+Two other aggregations are offered because the literature uses them:
+
+* :func:`mean_f1`: the mean of per-support-set F1 (the full-test protocol of the OntoNotes tag-extension
+  and domain-transfer tables, Das et al. 2022; ProML reports the mean over 10 support sets);
+* :func:`score_flattened`: Few-NERD's released evaluation, which concatenates the label sequences of an
+  episode's query sentences into one before extracting runs, so same-type entities at the end of one
+  sentence and the start of the next count as one entity.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ __all__ = [
     "ErrorAnalysis",
     "entity_spans",
     "error_analysis",
+    "mean_f1",
     "mean_std",
     "score",
+    "score_flattened",
     "seqeval_score",
     "to_seqeval_tags",
     "write_episode_csv",
@@ -88,6 +98,29 @@ def score(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]]) -> Entit
     return counts
 
 
+def score_flattened(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]]) -> EntityCounts:
+    """Few-NERD's flattened counts: the sentences of one batch (an episode's query) joined end to end
+    into a single label sequence, then runs counted as in :func:`score` (Ding et al. 2021 code,
+    ``util/framework.py``: spans are taken from the concatenated label list)."""
+    g_flat: list[str] = []
+    p_flat: list[str] = []
+    for g, p in zip(gold, pred, strict=True):
+        if len(g) != len(p):
+            raise ValueError(
+                f"score_flattened: gold ({len(g)}) and pred ({len(p)}) label lists differ in length"
+            )
+        g_flat.extend(g)
+        p_flat.extend(p)
+    return EntityCounts().add(g_flat, p_flat)
+
+
+def mean_f1(per_support: Sequence[EntityCounts]) -> float:
+    """The mean of each support set's (or episode's) micro F1: the full-test protocol's aggregate."""
+    if not per_support:
+        raise ValueError("mean_f1: per_support is empty")
+    return sum(c.f1 for c in per_support) / len(per_support)
+
+
 def to_seqeval_tags(labels: Sequence[str]) -> list[str]:
     """IO labels as ``I-<type>``: the form seqeval reads correctly (bare types it misreads)."""
     return ["O" if lab == "O" else f"I-{lab}" for lab in labels]
@@ -132,10 +165,6 @@ class ErrorAnalysis:
     fp_type: int = 0
     fn: int = 0
     within: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total_fp(self) -> int:
-        return self.fp_span + self.fp_type
 
 
 def error_analysis(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]]) -> ErrorAnalysis:

@@ -4,7 +4,9 @@ Support words are encoded under the option-prefix and the label-aware prompts an
 (:mod:`proml_ner.fusion`); query words under the option-prefix prompt alone. Training maps words to
 Gaussians and minimises the contrastive nearest-neighbour loss over symmetric KL between query and support
 words (:mod:`proml_ner.gaussian`). Inference scores each class by the mean distance to its ``k`` closest
-support words (``k`` = shots) in the fused encoder space, optionally followed by StructShot Viterbi.
+support words, in the space the loss trains (``inference_space="gaussian"``, symmetric KL) or in the fused
+encoder space (the paper's Sec. 3.5), optionally followed by StructShot Viterbi. Which space, ``k`` and
+``lambda`` are the defaults was measured on WNUT-17 (``benchmarks/wnut17.py``; README).
 
 Saved models are folders of ``config.json`` + ``model.safetensors`` + tokenizer files (no pickles).
 """
@@ -20,7 +22,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .decoding import AbstractTransitions, class_scores, squared_euclidean, viterbi_decode
+from .decoding import (
+    AbstractTransitions,
+    class_scores,
+    merge_spans,
+    neighbour_scale,
+    squared_euclidean,
+    viterbi_decode,
+)
 from .encoder import TokenEncoder, encode_sentences, word_pieces
 from .formats import Episode, Sentence
 from .fusion import MultiPromptFusion
@@ -29,7 +38,7 @@ from .metrics import entity_spans
 from .prompts import SCHEMAS, PromptContext, get_schema
 from .verbalizer import Verbalizer
 
-__all__ = ["ProML", "ProMLConfig", "estimate_shots"]
+__all__ = ["EpisodeViews", "ProML", "ProMLConfig", "estimate_shots"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -45,9 +54,22 @@ class ProMLConfig:
     fusion_lambda: support weight of the option-prefix vectors (paper grid 0.3/0.5/0.7); learn_lambda
         learns it instead. hidden_layers: last layers averaged (4). max_length: encoder tokens per window,
         prompt included; window_overlap: words shared by consecutive windows.
-    inference_space: ``encoder`` (fused encoder vectors, squared Euclidean; the paper's choice) or
-        ``gaussian`` (symmetric KL). top_k: neighbours per class (None: the support's shots).
-    viterbi / viterbi_weight: StructShot decoding and its transition scale.
+    inference_space: ``encoder`` (fused encoder vectors, squared Euclidean; the paper's Sec. 3.5) or
+        ``gaussian`` (symmetric KL between the head's Gaussians: the distance the loss trains).
+        top_k: neighbours per class (None: the support's shots, the paper's choice).
+        Defaults measured on WNUT-17 (README, "Does training help?"): ``top_k=1`` (k = shots scored
+        0.157 +- 0.054 trained and 0.070 untrained, k = 1 0.241 +- 0.014 and 0.148); the encoder and the
+        Gaussian space, and lambda 0.3 / 0.5 / 0.7, were within the seed spread of each other trained.
+    kl_scale: the distance is ``kl_scale * (KL(p||q) + KL(q||p))``; 1.0 is the authors' code (KL + KL),
+        0.5 the symmetric mean this package used before 0.1 (a 2x softmax temperature in the loss).
+    prefix_outside: also list ``O`` (label words ``outside_words``) in the option prefix, as the authors'
+        code does; off by default (measured: see the README's differences from the authors).
+    span_merge: grow predicted entities over adjacent words whose probability of the entity's type is
+        at least ``span_merge`` times their probability of O (:func:`~proml_ner.decoding.merge_spans`);
+        0 turns it off.
+    viterbi / viterbi_weight: StructShot decoding and its transition scale; emissions are the
+        log-softmax of class scores divided by the support's typical neighbour distance, so the
+        transitions weigh the same in either space.
     label_words: type -> label words overriding the default verbaliser.
     """
 
@@ -60,9 +82,13 @@ class ProMLConfig:
     max_length: int = 128
     window_overlap: int = 16
     inference_space: str = "encoder"
-    top_k: int | None = None
+    top_k: int | None = 1
+    kl_scale: float = 1.0
+    prefix_outside: bool = False
+    outside_words: str = "none"
     viterbi: bool = False
     viterbi_weight: float = 1.0
+    span_merge: float = 0.0
     label_words: dict[str, str] = field(default_factory=dict)
     batch_size: int = 32
 
@@ -86,6 +112,10 @@ class ProMLConfig:
             raise ValueError(
                 f"ProMLConfig: inference_space={self.inference_space!r}: 'encoder' or 'gaussian'"
             )
+        if not 0.0 <= self.span_merge <= 1.0:
+            raise ValueError(f"ProMLConfig: span_merge={self.span_merge} must be in [0, 1] (0: off)")
+        if not self.kl_scale > 0:
+            raise ValueError(f"ProMLConfig: kl_scale={self.kl_scale} must be > 0 (1.0: the authors' KL + KL)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"ProMLConfig: top_k={self.top_k} must be None or >= 1")
 
@@ -101,6 +131,18 @@ class ProMLConfig:
         if unknown:
             raise ValueError(f"ProMLConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass
+class EpisodeViews:
+    """An episode encoded once: support word vectors per prompt schema (S, H), their class ids (0 = O),
+    the query's option-prefix word vectors (one (n, H) tensor per sentence) and the support's K."""
+
+    types: list[str]
+    support: dict[str, Tensor]
+    support_labels: Tensor
+    query: list[Tensor]
+    shots: int
 
 
 def estimate_shots(support: Sequence[Sentence], types: Sequence[str]) -> int:
@@ -139,7 +181,8 @@ class ProML(nn.Module):
         return next(self.parameters()).device
 
     def prompt_context(self, types: Sequence[str]) -> PromptContext:
-        return PromptContext.build(self.tokenizer, types, self.verbalizer.words(types))
+        outside = self.config.outside_words if self.config.prefix_outside else None
+        return PromptContext.build(self.tokenizer, types, self.verbalizer.words(types), outside)
 
     # ------------------------------------------------------------------------------------ encoding
     def _encode(self, words, schema: str, ctx, labels=None, pieces=None) -> list[Tensor]:
@@ -186,6 +229,13 @@ class ProML(nn.Module):
         return torch.cat(reps, 0), labels
 
     # ------------------------------------------------------------------------------------ training
+    def kl_distance(self, query: Tensor, support: Tensor) -> Tensor:
+        """(Q, S) ``kl_scale * (KL + KL)`` between the head's Gaussians of two sets of word vectors."""
+        q_mu, q_var = self.head(query)
+        s_mu, s_var = self.head(support)
+        # sym_kl is the mean (KL + KL) / 2; the authors' distance is the sum
+        return (2.0 * self.config.kl_scale) * sym_kl(q_mu, q_var, s_mu, s_var)
+
     def episode_loss(self, episode: Episode) -> Tensor:
         """NCA loss over symmetric KL between Gaussian query and support words (Sec. 3.4)."""
         types = list(episode.types)
@@ -194,9 +244,7 @@ class ProML(nn.Module):
         q_reps = self.represent([s.words for s in episode.query], types, None, ctx)
         index = {t: i + 1 for i, t in enumerate(types)}
         q_lab = torch.tensor([index.get(x, 0) for s in episode.query for x in s.labels], device=self.device)
-        q_mu, q_var = self.head(torch.cat(q_reps, 0))
-        s_mu, s_var = self.head(s_rep)
-        return nca_loss(sym_kl(q_mu, q_var, s_mu, s_var), q_lab, s_lab)
+        return nca_loss(self.kl_distance(torch.cat(q_reps, 0), s_rep), q_lab, s_lab)
 
     def support_loss(self, support: Sequence[Sentence], types: Sequence[str]) -> Tensor:
         """Test-time fine-tuning loss: support words (option-prefix view) against the fused support,
@@ -204,53 +252,108 @@ class ProML(nn.Module):
         ctx = self.prompt_context(types)
         s_rep, s_lab = self._support_tensors(support, types, ctx)
         q_rep = torch.cat(self.represent([s.words for s in support], types, None, ctx), 0)
-        q_mu, q_var = self.head(q_rep)
-        s_mu, s_var = self.head(s_rep)
         eye = torch.eye(len(s_lab), dtype=torch.bool, device=self.device)
-        return nca_loss(sym_kl(q_mu, q_var, s_mu, s_var), s_lab, s_lab, exclude=eye)
+        return nca_loss(self.kl_distance(q_rep, s_rep), s_lab, s_lab, exclude=eye)
 
     # ------------------------------------------------------------------------------------ inference
-    def _space(self, reps: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return reps if self.config.inference_space == "encoder" else self.head(reps)
-
-    def distances(self, query: Tensor, support: Tensor) -> Tensor:
-        if self.config.inference_space == "encoder":
+    def distances(self, query: Tensor, support: Tensor, space: str | None = None) -> Tensor:
+        """(Q, S) distances in ``space`` (default: ``config.inference_space``)."""
+        space = space or self.config.inference_space
+        if space == "encoder":
             return squared_euclidean(query, support)
-        q_mu, q_var = self.head(query)
-        s_mu, s_var = self.head(support)
-        return sym_kl(q_mu, q_var, s_mu, s_var)
+        if space == "gaussian":
+            return self.kl_distance(query, support)
+        raise ValueError(f"ProML.distances: space={space!r} must be 'encoder' or 'gaussian'")
 
     def decode(
-        self, query_reps: Sequence[Tensor], support_reps: Tensor, support_labels: Tensor, n_types: int, k: int
+        self,
+        query_reps: Sequence[Tensor],
+        support_reps: Tensor,
+        support_labels: Tensor,
+        n_types: int,
+        k: int,
+        space: str | None = None,
+        viterbi: bool | None = None,
     ) -> tuple[list[list[int]], list[Tensor]]:
-        """Class ids (0 = O) and per-class probabilities for each query sentence."""
+        """Class ids (0 = O) and per-class probabilities for each query sentence.
+
+        Probabilities are ``softmax(scores / tau)`` with ``tau`` the support's typical neighbour distance
+        (:func:`~proml_ner.decoding.neighbour_scale`): scale-free, so they vary with how close a word is
+        to each class instead of saturating at 1, and StructShot's transitions weigh the same in both
+        spaces. The argmax path does not depend on ``tau``.
+        """
+        space = space or self.config.inference_space
+        viterbi = self.config.viterbi if viterbi is None else viterbi
         paths, probs = [], []
         log_t, log_s = self.transitions.matrix(n_types)
+        tau = neighbour_scale(self.distances(support_reps, support_reps, space))
         for q in query_reps:
             if q.shape[0] == 0:
                 paths.append([])
                 probs.append(q.new_zeros((0, n_types + 1)))
                 continue
-            scores = class_scores(self.distances(q, support_reps), support_labels, n_types + 1, k)
-            logp = torch.log_softmax(scores.float(), dim=-1)
+            scores = class_scores(self.distances(q, support_reps, space), support_labels, n_types + 1, k)
+            logp = torch.log_softmax(scores.float() / tau, dim=-1)
             probs.append(logp.exp())
-            if self.config.viterbi:
-                paths.append(viterbi_decode(logp, log_t, log_s, self.config.viterbi_weight))
+            if viterbi:
+                path = viterbi_decode(logp, log_t, log_s, self.config.viterbi_weight)
             else:
-                paths.append(logp.argmax(-1).tolist())
+                path = logp.argmax(-1).tolist()
+            paths.append(merge_spans(path, probs[-1], self.config.span_merge))
         return paths, probs
+
+    @torch.no_grad()
+    def episode_views(self, episode: Episode) -> EpisodeViews:
+        """Everything inference needs from an episode, encoded once (see :meth:`predict_views`)."""
+        types = list(episode.types)
+        ctx = self.prompt_context(types)
+        words = [s.words for s in episode.support]
+        labels = [s.labels for s in episode.support]
+        pieces = [word_pieces(self.tokenizer, w) for w in words]
+        per_schema = {
+            sch: torch.cat(self._encode(words, sch, ctx, labels=labels, pieces=pieces), 0)
+            for sch in self.config.schemas
+        }
+        index = {t: i + 1 for i, t in enumerate(types)}
+        s_lab = torch.tensor([index.get(x, 0) for s in episode.support for x in s.labels], device=self.device)
+        query = self.represent([s.words for s in episode.query], types, None, ctx)
+        return EpisodeViews(types, per_schema, s_lab, query, estimate_shots(episode.support, types))
+
+    @torch.no_grad()
+    def predict_views(
+        self,
+        views: EpisodeViews,
+        space: str | None = None,
+        top_k: int | str | None = None,
+        fusion_lambda: float | None = None,
+        viterbi: bool | None = None,
+    ) -> list[list[str]]:
+        """IO labels of the query under one inference setting; None takes the config's value and
+        ``top_k="shots"`` the support's K (the paper's choice). Lets a
+        benchmark compare spaces, ``k`` and ``lambda`` on the same encoded episode."""
+        sup = views.support
+        if fusion_lambda is None or len(sup) < 2:
+            support = self.fusion(sup, self.config.schemas)
+        else:
+            if not 0.0 <= fusion_lambda <= 1.0:
+                raise ValueError(f"predict_views: fusion_lambda={fusion_lambda} must be in [0, 1]")
+            support = fusion_lambda * sup["option_prefix"] + (1 - fusion_lambda) * sup["label_aware"]
+        if top_k == "shots":
+            k = views.shots
+        elif top_k is not None:
+            k = int(top_k)
+        else:
+            k = self.config.top_k or views.shots
+        paths, _ = self.decode(
+            views.query, support, views.support_labels, len(views.types), k, space, viterbi
+        )
+        names = ["O", *views.types]
+        return [[names[c] for c in p] for p in paths]
 
     @torch.no_grad()
     def predict_episode(self, episode: Episode) -> list[list[str]]:
         """IO labels for every query sentence of ``episode``."""
-        types = list(episode.types)
-        ctx = self.prompt_context(types)
-        s_rep, s_lab = self._support_tensors(episode.support, types, ctx)
-        q_reps = self.represent([s.words for s in episode.query], types, None, ctx)
-        k = self.config.top_k or estimate_shots(episode.support, types)
-        paths, _ = self.decode(q_reps, s_rep, s_lab, len(types), k)
-        names = ["O", *types]
-        return [[names[c] for c in p] for p in paths]
+        return self.predict_views(self.episode_views(episode))
 
     # ------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

@@ -150,6 +150,12 @@ def _to_sentence(ex: SupportLike, i: int) -> list[Sentence]:
             hit = [j for j, (_, a, b) in enumerate(toks) if a < e and b > s]
             if not hit:
                 raise ValueError(f"{where}: span {sp} covers no word")
+            first, last = toks[hit[0]], toks[hit[-1]]
+            if first[1] < s or last[2] > e:
+                raise ValueError(
+                    f"{where}: span {sp} ({text[s:e]!r}) cuts into a word: the words it touches run "
+                    f"from {first[1]} to {last[2]} ({text[first[1] : last[2]]!r}); give word boundaries"
+                )
             for j in hit:
                 labels[j] = lab
         return [Sentence([w for w, _, _ in toks], labels)]
@@ -212,7 +218,11 @@ class ProMLNer:
 
     @staticmethod
     def _check_labels(labels: Sequence[str]) -> list[str]:
-        if isinstance(labels, str) or not all(isinstance(x, str) and x and x != "O" for x in labels):
+        if isinstance(labels, str):
+            raise ValueError(
+                f"labels must be a list of type names, got the string {labels!r}; pass [{labels!r}]"
+            )
+        if not all(isinstance(x, str) and x and x != "O" for x in labels):
             raise ValueError(f"labels must be a list of non-empty type names other than 'O', got {labels!r}")
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels has duplicates: {labels}")
@@ -228,12 +238,16 @@ class ProMLNer:
         return_tags: bool = False,
         zero_shot_threshold: float = 0.5,
         dtype: torch.dtype | str | None = None,
+        threshold: float = 0.0,
     ) -> list[list[dict]] | tuple[list[list[dict]], list[list[str]]]:
         """Entities per text: ``{"start", "end", "text", "label", "score"}`` with character offsets.
 
         ``support`` is an index from :meth:`support` (fast: nothing to re-encode) or raw examples. With
         ``labels`` and no support, zero-shot matching against label words (cosine above
-        ``zero_shot_threshold``). ``return_tags`` adds per-word IO tags. ``dtype`` (``"bfloat16"``, or
+        ``zero_shot_threshold``). ``score`` is the mean over the span's words of the probability of its
+        type, ``softmax(class scores / tau)`` with ``tau`` the support's typical neighbour distance (so it
+        falls as a word moves away from the type's support words); spans scoring below ``threshold``
+        are dropped (their words become ``O`` in the returned tags). ``return_tags`` adds per-word IO tags. ``dtype`` (``"bfloat16"``, or
         ``"float16"`` on CUDA) runs the encoder under autocast; distances are taken in float32.
         """
         amp = _autocast(dtype, self.model.device, "predict")
@@ -252,7 +266,14 @@ class ProMLNer:
             tags, probs = self._zero_shot(words, types, zero_shot_threshold, amp)
         else:
             index = support if isinstance(support, SupportIndex) else self.support(support, labels, dtype)
-            if labels is not None and isinstance(support, SupportIndex) and list(labels) != index.types:
+            if labels is not None and isinstance(support, SupportIndex):
+                labels = self._check_labels(labels)
+                unknown = sorted(set(labels) - set(index.types))
+                if unknown:
+                    raise ValueError(
+                        f"predict: labels {unknown} are not in the support index (it holds {index.types}); "
+                        "build a new index with ner.support(examples, labels=...) that has examples of them"
+                    )
                 extra = sorted(set(index.types) - set(labels))
                 if extra:
                     raise ValueError(
@@ -267,11 +288,16 @@ class ProMLNer:
             paths, probs = self.model.decode(reps, index.vectors.to(dev), index.labels.to(dev), len(types), k)
             names = ["O", *types]
             tags = [[names[c] for c in p] for p in paths]
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"predict: threshold={threshold} must be in [0, 1] (a span's mean probability)")
         results = []
         for text, ws, tg, pr in zip(texts, words, tags, probs):
             ents = []
             for a, b, lab in entity_spans(tg):
                 c = types.index(lab) + 1
+                if float(pr[a:b, c].mean()) < threshold:
+                    tg[a:b] = ["O"] * (b - a)
+                    continue
                 start, end = ws[a][1], ws[b - 1][2]
                 ents.append(
                     {

@@ -71,7 +71,15 @@ class PromptContext:
     close_ids: list[int]
 
     @classmethod
-    def build(cls, tokenizer, types: Sequence[str], label_words: dict[str, str]) -> PromptContext:
+    def build(
+        cls,
+        tokenizer,
+        types: Sequence[str],
+        label_words: dict[str, str],
+        outside_words: str | None = None,
+    ) -> PromptContext:
+        """``outside_words`` (e.g. ``"none"``) also lists ``O`` in the option prefix, after the types, as
+        the authors' code does; None leaves it out."""
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         if cls_id is None or sep_id is None:
@@ -90,10 +98,14 @@ class PromptContext:
             return out
 
         order = sorted(types)
+        label_ids = {t: ids(label_words[t], f"the label words of {t!r}") for t in order}
+        if outside_words is not None:
+            label_ids["O"] = ids(outside_words, "the label words of O")
+            order = [*order, "O"]
         return cls(
             cls_id=cls_id,
             sep_id=sep_id,
-            label_ids={t: ids(label_words[t], f"the label words of {t!r}") for t in order},
+            label_ids=label_ids,
             order=order,
             comma_ids=ids(",", "the separator"),
             open_ids=ids("(", "the bracket"),

@@ -2,8 +2,11 @@
 
 AdamW with a linear warm-up then linear decay, gradient clipping, evaluation on dev episodes every
 ``eval_every`` steps keeping the best state (in memory, and on disk when ``output_dir`` is given), and the
-seeds recorded in the result. The encoder and the heads have separate learning rates. Optional test-time
-fine-tuning adapts a copy of the model to one episode's support set (domain transfer, Sec. 4.5).
+seeds recorded in the result. The encoder and the heads have separate learning rates (the head's defaults
+to the encoder's, as in the authors' code: at 1e-3 the head drives the loss to zero within tens of
+episodes and the encoder stops learning); biases and LayerNorm weights get no weight decay. Optional
+test-time fine-tuning adapts a copy of the model to one episode's support set (domain transfer, Sec. 4.5),
+with dropout off and the authors' early stop.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import Episode
-from .metrics import EntityCounts, score
+from .metrics import EntityCounts, mean_f1, score, score_flattened
 
 __all__ = [
     "EpisodicModel",
@@ -44,9 +47,12 @@ class EpisodicModel(Protocol):
 
 @dataclass
 class TrainConfig:
-    """steps: training episodes; lr: encoder learning rate; head_lr: Gaussian head / fusion rate;
+    """steps: training episodes; lr: encoder learning rate; head_lr: Gaussian head / fusion rate (None:
+    ``lr``); weight_decay: AdamW decay of weight matrices (never of biases or LayerNorm weights);
     warmup: fraction of steps of linear warm-up; clip: max gradient norm; eval_every: steps between dev
-    evaluations (0: only at the end); finetune_steps/finetune_lr: test-time fine-tuning on each support;
+    evaluations (0: only at the end); finetune_steps/finetune_lr: test-time fine-tuning on each support
+    (at most ``finetune_steps``; with ``finetune_early_stop`` it stops at the first step whose support
+    loss is not below the previous one, the authors' rule; dropout is off unless ``finetune_dropout``);
     trainable_layers: train only the top N encoder layers (None: all; 0: heads only), a CPU-budget knob
     (the paper fine-tunes the whole encoder); episodes_per_step: episodes whose mean loss makes one
     optimizer step (the authors' ``batch_size``: 4 for 1~2-shot, 1 for 5~10-shot); clip: None turns
@@ -54,7 +60,7 @@ class TrainConfig:
 
     steps: int = 100
     lr: float = 3e-5
-    head_lr: float = 1e-3
+    head_lr: float | None = None
     weight_decay: float = 0.01
     warmup: float = 0.1
     clip: float | None = 1.0
@@ -63,6 +69,8 @@ class TrainConfig:
     output_dir: str | None = None
     finetune_steps: int = 0
     finetune_lr: float = 1e-5
+    finetune_early_stop: bool = True
+    finetune_dropout: bool = False
     trainable_layers: int | None = None
     episodes_per_step: int = 1
 
@@ -75,19 +83,34 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: trainable_layers={self.trainable_layers} must be None or >= 0")
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"TrainConfig: warmup={self.warmup} is a fraction of steps in [0, 1]")
-        if self.lr <= 0 or self.head_lr <= 0 or (self.clip is not None and self.clip <= 0):
-            raise ValueError("TrainConfig: lr and head_lr must be > 0, clip None or > 0")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError(
+                f"TrainConfig: lr={self.lr} and head_lr={self.head_lr} must be > 0 (head_lr may be None)"
+            )
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"TrainConfig: clip={self.clip} must be None or > 0")
 
 
 @dataclass
 class EvalResult:
+    """counts: micro counts pooled over every query sentence (Few-NERD's protocol); per_episode: one
+    episode's (support set's) counts each; flattened: Few-NERD's released metric, each episode's query
+    sentences joined into one sequence (:func:`~proml_ner.metrics.score_flattened`)."""
+
     counts: EntityCounts
     per_episode: list[EntityCounts]
     predictions: list[list[list[str]]] = field(default_factory=list, repr=False)
+    flattened: EntityCounts = field(default_factory=EntityCounts)
 
     @property
     def f1(self) -> float:
+        """Pooled micro F1."""
         return self.counts.f1
+
+    @property
+    def mean_f1(self) -> float:
+        """Mean of per-episode F1: the full-test protocol's mean over support sets."""
+        return mean_f1(self.per_episode)
 
 
 @dataclass
@@ -121,14 +144,26 @@ def freeze_lower_layers(model: nn.Module, trainable_layers: int | None) -> None:
         p.requires_grad_(m is not None and int(m.group(1)) >= depth - trainable_layers)
 
 
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases and normalisation weights (1-d parameters, or named ``*norm*``) take no weight decay."""
+    return p.ndim < 2 or "norm" in name.lower()
+
+
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    enc, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (enc if name.startswith("encoder.") else rest).append(p)
-    groups = [{"params": enc, "lr": cfg.lr}] if enc else []
-    if rest:
-        groups.append({"params": rest, "lr": cfg.head_lr})
+    """Encoder / head groups at ``lr`` / ``head_lr``, each split into decayed and not-decayed parameters."""
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    groups = []
+    for is_enc, lr in ((True, cfg.lr), (False, head_lr)):
+        for no_decay in (False, True):
+            params = [
+                p
+                for n, p in model.named_parameters()
+                if p.requires_grad and n.startswith("encoder.") == is_enc and _no_decay(n, p) == no_decay
+            ]
+            if params:
+                groups.append(
+                    {"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+                )
     return groups
 
 
@@ -145,8 +180,9 @@ def evaluate(
     finetune: TrainConfig | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Micro P/R/F1 over all query sentences of all ``episodes`` (Few-NERD's protocol)."""
-    counts, per = EntityCounts(), []
+    """Micro P/R/F1 over all query sentences of all ``episodes`` (Few-NERD's protocol), with the
+    per-episode counts (for the mean over support sets) and Few-NERD's flattened counts."""
+    counts, per, flat = EntityCounts(), [], EntityCounts()
     preds = []
     was_training = getattr(model, "training", False)
     for i, ep in enumerate(episodes):
@@ -156,7 +192,9 @@ def evaluate(
         if hasattr(m, "eval"):
             m.eval()
         p = m.predict_episode(ep)
-        c = score([s.labels for s in ep.query], p)
+        gold = [s.labels for s in ep.query]
+        c = score(gold, p)
+        flat += score_flattened(gold, p)
         counts += c
         per.append(c)
         preds.append(p)
@@ -164,23 +202,40 @@ def evaluate(
             progress(i)
     if was_training and hasattr(model, "train"):
         model.train()
-    return EvalResult(counts, per, preds)
+    return EvalResult(counts, per, preds, flat)
 
 
 def finetune_on_support(model, episode: Episode, cfg: TrainConfig):
-    """A copy of ``model`` fine-tuned for ``cfg.finetune_steps`` steps on the episode's support alone."""
+    """A copy of ``model`` fine-tuned on the episode's support alone: at most ``cfg.finetune_steps``
+    steps, dropout off (``finetune_dropout`` turns it on), stopping early at the first step whose loss is
+    not below the previous step's (``finetune_early_stop``; the authors' rule) and then keeping the
+    weights from before that step."""
     if not hasattr(model, "support_loss"):
         raise ValueError(f"finetune_on_support: {type(model).__name__} has no support_loss")
     m = copy.deepcopy(model)
-    m.train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.finetune_lr)
+    m.train(cfg.finetune_dropout)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr)
+    prev, before = float("inf"), None
     for _ in range(cfg.finetune_steps):
         loss = m.support_loss(episode.support, episode.types)
+        value = float(loss.detach())
+        if cfg.finetune_early_stop:
+            if value >= prev and before is not None:
+                m.load_state_dict(before)  # the last step made the loss worse: undo it
+                break
+            before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        prev = value
         opt.zero_grad()
         loss.backward()
         if cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
+    else:
+        if cfg.finetune_early_stop and before is not None:
+            with torch.no_grad():  # the last step is checked like the others
+                if float(m.support_loss(episode.support, episode.types)) >= prev:
+                    m.load_state_dict(before)
     return m.eval()
 
 
@@ -191,10 +246,14 @@ def train(
     config: TrainConfig | None = None,
     progress: Callable[[int, float], None] | None = None,
     metadata: dict | None = None,
+    checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Episodic training; the model ends holding its best dev state (or the last if no dev episodes).
 
     ``metadata`` (setting name, data version and fingerprints) is written into ``train_result.json``.
+    ``checkpoint(step)`` is called at every evaluation point (``eval_every`` steps and the last step),
+    after the dev evaluation, with the model as it is then (a learning curve; the learning-rate schedule
+    still spans all ``steps``).
     """
     cfg = config or TrainConfig()
     if not train_episodes:
@@ -234,6 +293,9 @@ def train(
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if cfg.output_dir and hasattr(model, "save_pretrained"):
                     model.save_pretrained(cfg.output_dir)
+            model.train()
+        if checkpoint is not None and step in eval_points:
+            checkpoint(step)
             model.train()
     seconds = (time.perf_counter() - t0) / max(1, ran)
     if best_state is not None:
