@@ -10,8 +10,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-FIXTURES = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "cxr"
-FIXTURES_MISSING = f"real CXR fixtures not found at {FIXTURES} (needs the repo's ../shared folder)"
+# In-package copy of shared/fixtures/cxr (Apache-2.0, see its README), so a fresh clone runs these tests.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cxr"
+FIXTURES_MISSING = f"real CXR fixtures not found at {FIXTURES} (tests/fixtures/cxr is part of the package)"
 
 
 def make_ds(
@@ -53,4 +54,28 @@ def make_ds(
 
 def write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_raw_value(path: Path, tag: int, vr: str, old: bytes, new: bytes) -> Path:
+    """Overwrite the value of one Explicit VR Little Endian element in ``path`` with ``new`` bytes.
+
+    pydicom validates values on assignment, so a malformed header (``NumberOfFrames='1A'``) can only be
+    made by editing the written bytes. ``old`` is the value as written, of the same length as ``new``.
+    """
+    if len(old) != len(new):
+        raise ValueError(f"write_raw_value: old {old!r} and new {new!r} differ in length")
+    group, element = tag >> 16, tag & 0xFFFF
+    head = (
+        group.to_bytes(2, "little")
+        + element.to_bytes(2, "little")
+        + vr.encode()
+        + len(old).to_bytes(2, "little")
+    )
+    data = path.read_bytes()
+    if data.count(head + old) != 1:
+        raise ValueError(
+            f"write_raw_value: element ({group:04X},{element:04X}) = {old!r} not found once in {path}"
+        )
+    path.write_bytes(data.replace(head + old, head + new))
     return path

@@ -413,3 +413,146 @@ def test_lossless_decoders_match_uncompressed_reference(name: str) -> None:
 def test_real_bad_inputs(name: str, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         read_image(PYDICOM_FILES / name, RAW)
+
+
+# ------------------------------------------------------------------- pixel padding (C.7.5.1.1.2)
+EXACT = PreprocessConfig(size=None, trim=False, percentile_window=(0.0, 100.0))
+
+
+def _padded() -> np.ndarray:
+    """12-bit stored values: anatomy 1000..3000 in the middle, padding 0 and 4095 around it."""
+    stored = np.array(
+        [[0, 0, 0, 4095], [0, 1000, 1500, 4095], [0, 2000, 3000, 4095], [4000, 4050, 4095, 4095]],
+        dtype=np.uint16,
+    )
+    return stored
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_padding_value_left_out_of_window_and_black(tmp_path: Path, photometric: str) -> None:
+    stored = _padded()
+    ds = make_ds(stored, photometric=photometric, PixelPaddingValue=0)
+    image, qc = read_image(write(ds, tmp_path / "p.dcm"), EXACT)
+    pad = stored == 0
+    y = (stored - 1000.0) / (4095.0 - 1000.0)  # window over the 10 non-padding values: 1000..4095
+    expected = np.where(pad, 0.0, 1.0 - y if photometric == "MONOCHROME1" else y)
+    assert_close(image, expected, tol=F32)
+    assert qc.window == (1000.0, 4095.0) and qc.padding_fraction == pad.mean()
+    assert qc.inversion_applied is (photometric == "MONOCHROME1")
+
+
+@pytest.mark.parametrize(
+    ("photometric", "value", "limit"),
+    [("MONOCHROME1", 4095, 4000), ("MONOCHROME2", 4000, 4095), ("MONOCHROME1", 4000, 4095)],
+)
+def test_padding_range_is_inclusive_either_order(
+    tmp_path: Path, photometric: str, value: int, limit: int
+) -> None:
+    stored = _padded()
+    ds = make_ds(stored, photometric=photometric, PixelPaddingValue=value, PixelPaddingRangeLimit=limit)
+    image, qc = read_image(write(ds, tmp_path / "r.dcm"), EXACT)
+    pad = stored >= 4000  # 4000, 4050 and 4095: both ends and the value between
+    y = stored / 3000.0  # window over 0..3000
+    expected = np.where(pad, 0.0, 1.0 - y if photometric == "MONOCHROME1" else y)
+    assert_close(image, expected, tol=F32)
+    assert qc.window == (0.0, 3000.0) and qc.padding_fraction == pad.mean()
+
+
+def test_padding_compared_before_modality_lut_and_with_header_window(tmp_path: Path) -> None:
+    stored = np.array([[0, 100], [200, 300]], dtype=np.uint16)
+    ds = make_ds(
+        stored,
+        photometric="MONOCHROME1",
+        RescaleSlope=2,
+        RescaleIntercept=-100,  # modality values -100, 100, 300, 500: padding is stored 0, not -100
+        WindowCenter=200,
+        WindowWidth=400,
+        VOILUTFunction="LINEAR_EXACT",
+        PixelPaddingValue=0,
+    )
+    image, qc = read_image(write(ds, tmp_path / "w.dcm"), EXACT)
+    m = stored * 2.0 - 100
+    expected = np.where(stored == 0, 0.0, 1.0 - np.clip((m - 200) / 400 + 0.5, 0, 1))
+    assert_close(image, expected, tol=F32)
+    assert qc.voi_source == "window" and qc.padding_fraction == 0.25
+
+
+@pytest.mark.parametrize("vr", ["SS", "US"])
+def test_padding_signed_respects_pixel_representation(tmp_path: Path, vr: str) -> None:
+    """-2000 on 12-bit signed data, written as SS -2000 or (a common vendor slip) as US 0xF830."""
+    stored = np.array([[-2000, -2000], [-1000, 1000]], dtype=np.int16)
+    ds = make_ds(stored, signed=True)
+    ds.add_new(0x00280120, vr, -2000 if vr == "SS" else 0xF830)
+    image, qc = read_image(write(ds, tmp_path / "s.dcm"), EXACT)
+    expected = np.where(stored == -2000, 0.0, (stored + 1000.0) / 2000.0)
+    assert_close(image, expected, tol=F32)
+    assert qc.window == (-1000.0, 1000.0) and qc.padding_fraction == 0.5
+    assert any("read as stored value -2000" in w for w in qc.warnings) is (vr == "US")
+
+
+def test_padding_high_bits_masked_like_the_pixels(tmp_path: Path) -> None:
+    """A padding value 0xFFFF with BitsStored=12 matches pixels written as 0xFFFF, which read as 4095."""
+    stored = np.array([[4095, 4095], [1000, 3000]], dtype=np.uint16)
+    raw = np.where(stored == 4095, 0xFFFF, stored).astype(np.uint16)
+    ds = make_ds(stored, raw=raw, PixelPaddingValue=0xFFFF)
+    image, qc = read_image(write(ds, tmp_path / "h.dcm"), EXACT)
+    assert_close(image, np.where(stored == 4095, 0.0, (stored - 1000.0) / 2000.0), tol=F32)
+    assert any("PixelPaddingValue=65535 read as stored value 4095" in w for w in qc.warnings)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_without_padding_tags_output_unchanged(tmp_path: Path, photometric: str) -> None:
+    """No PixelPaddingValue: the window spans every pixel (0..4095) as before; a lone range limit is
+    ignored with a warning and changes nothing either."""
+    stored = _padded()
+    y = stored / 4095.0
+    expected = 1.0 - y if photometric == "MONOCHROME1" else y
+    plain, qc = read_image(write(make_ds(stored, photometric=photometric), tmp_path / "n.dcm"), EXACT)
+    assert_close(plain, expected, tol=F32)
+    assert qc.window == (0.0, 4095.0) and qc.padding_fraction is None
+    lone = make_ds(stored, photometric=photometric, PixelPaddingRangeLimit=4095)
+    limit_only, qc2 = read_image(write(lone, tmp_path / "l.dcm"), EXACT)
+    np.testing.assert_array_equal(limit_only, plain)
+    assert any("PixelPaddingRangeLimit without PixelPaddingValue" in w for w in qc2.warnings)
+
+
+def test_padding_everywhere_is_blank_with_warning(tmp_path: Path) -> None:
+    ds = make_ds(np.zeros((3, 3), np.uint16), photometric="MONOCHROME1", PixelPaddingValue=0)
+    image, qc = read_image(write(ds, tmp_path / "z.dcm"), EXACT)
+    assert (image == 0).all() and qc.padding_fraction == 1.0
+    assert [w for w in qc.warnings if "padding" in w] == [
+        "every pixel is padding (stored values 0..0): output is blank"
+    ]
+
+
+def test_padding_changes_the_content_digest(tmp_path: Path) -> None:
+    stored = _padded()
+    ds = make_ds(stored)
+    before = dcm.content_digest(ds)
+    ds.PixelPaddingValue = 0
+    assert dcm.content_digest(ds) != before
+
+
+@needs_fixtures
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_fixture_with_padding_border_reads_like_the_unpadded_image(tmp_path: Path, photometric: str) -> None:
+    """The real chest CR as 12-bit stored values (8-bit * 15 + 64: anatomy in 64..3889) inside a
+    padding border of 0 covering ~44 % of the frame: with PixelPaddingValue=0 the anatomy reads exactly
+    as the unpadded image does, under the default (0.5, 99.5) percentile window, and the border is black.
+    """
+    chest = dcm.decode(pydicom.dcmread(FIXTURES / "chest_cr_pa_monochrome2_jpeg.dcm")).astype(np.uint16)
+    chest = chest * 15 + 64
+    if photometric == "MONOCHROME1":
+        chest = 4095 - chest  # same display as the MONOCHROME2 original once inverted
+    canvas = np.zeros((1360, 1376), np.uint16)
+    canvas[200:1224, 180:1204] = chest
+    config = PreprocessConfig(size=None, trim=False)
+    alone, qa = read_image(write(make_ds(chest, photometric=photometric), tmp_path / "a.dcm"), config)
+    padded, qp = read_image(
+        write(make_ds(canvas, photometric=photometric, PixelPaddingValue=0), tmp_path / "p.dcm"), config
+    )
+    np.testing.assert_array_equal(padded[200:1224, 180:1204], alone)
+    inside = np.zeros(canvas.shape, bool)
+    inside[200:1224, 180:1204] = True
+    assert (padded[~inside] == 0).all() and qp.window == qa.window
+    assert qp.padding_fraction == pytest.approx(1 - 1024 * 1024 / canvas.size)

@@ -143,7 +143,7 @@ def test_calibration_slope_recovers_truth(true_slope):
     assert cal.n_used == n and sum(b[2] for b in cal.bins) == n
 
 
-def test_calibration_excludes_censored_before_horizon():
+def test_calibration_gives_zero_weight_to_censored_before_horizon():
     time = np.array([1.0, 2.0, 13.0, 14.0, 3.0, 15.0])
     event = np.array([1, 0, 0, 1, 1, 0])
     cal = calibration_at_horizon(time, event, np.full(6, 0.4), horizon=12.0, n_bins=2)
@@ -161,7 +161,8 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
 
 # ------------------------------------------------------------------------- scikit-survival cross-checks
 # lifelines has no Uno's C, cumulative/dynamic AUC or IPCW Brier score; scikit-survival does. Times are
-# continuous (no ties), where the conventions G(T-) vs G(T) and tie rules of the two libraries coincide.
+# continuous (no ties), where the conventions G(T-) vs G(T) and tie rules of the two libraries coincide;
+# tied times, administrative censoring and calibration under censoring are in test_metrics_censoring.py.
 def _sksurv_cohorts(seed: int):
     sksurv_util = pytest.importorskip("sksurv.util", reason="scikit-survival is a test-only dependency")
     rng = np.random.default_rng(seed)

@@ -84,7 +84,10 @@ class ImageCache:
 
     def lookup(self, path: str | Path) -> str | None:
         """The image key cached for ``path``, or None when the file is not (or no longer) cached."""
-        index = self._index_path(self.file_token(path))
+        try:  # a missing or unreadable file is not cached; read_image then says what is wrong with it
+            index = self._index_path(self.file_token(path))
+        except OSError:
+            return None
         try:
             key = index.read_text().strip()
         except FileNotFoundError:

@@ -6,6 +6,9 @@ Presentation LUT (polarity). Each step is a separate public function so tests ca
 
 * :func:`decode` - stored pixel values honouring BitsAllocated/BitsStored/PixelRepresentation
   (pydicom masks the unused high bits and sign-extends two's complement values).
+* :func:`padding_mask` - the pixels marked as padding by PixelPaddingValue (and PixelPaddingRangeLimit),
+  compared against the stored values before the modality LUT (PS3.3 C.7.5.1.1.2). Padding is left out
+  of the percentile window and set to 0 (displayed black) after the polarity step.
 * :func:`modality_lut` - pydicom's ``apply_modality_lut`` (PS3.3 C.11.1), returned as float64.
 * :func:`voi` - the VOI step mapped straight to ``[0, 1]`` (``ymin = 0``, ``ymax = 1`` in the formulas
   of PS3.3 C.11.2.1.2); VOI LUT Sequence data are scaled by their own min and max; without any VOI
@@ -139,6 +142,60 @@ def decode(ds: Dataset) -> np.ndarray:
     return arr
 
 
+def _as_stored_value(value: Any, bits_stored: int, signed: bool) -> int:
+    """A padding attribute read the way pydicom reads a stored pixel: its low ``bits_stored`` bits, as
+    two's complement when ``signed``. This undoes the common mismatch of a US element on signed pixel
+    data (0xF830 for -2000) and of a value written with dirty high bits."""
+    raw = int(value)
+    v = raw & ((1 << bits_stored) - 1)
+    if signed and v >= 1 << (bits_stored - 1):
+        v -= 1 << bits_stored
+    return v
+
+
+def padding_mask(stored: np.ndarray, ds: Dataset, qc: QCRecord | None = None) -> np.ndarray | None:
+    """Boolean ``(rows, columns)`` mask of padding pixels, or ``None`` when the file declares none.
+
+    PS3.3 C.7.5.1.1.2: Pixel Padding Value alone marks the pixels equal to it; with Pixel Padding Range
+    Limit, every stored value between the two, inclusive, is padding (the standard orders the pair by
+    the photometric interpretation; either order is accepted here). Both are stored pixel values: they
+    are compared before the modality LUT, with BitsStored and PixelRepresentation applied to them as to
+    the pixels (see :func:`_as_stored_value`).
+    """
+    if "PixelPaddingRangeLimit" in ds and "PixelPaddingValue" not in ds:
+        if qc is not None:
+            qc.warn("PixelPaddingRangeLimit without PixelPaddingValue: ignored")
+        return None
+    if ds.get("PixelPaddingValue") is None:  # absent, or present with an empty value
+        return None
+    bits = int(ds.get("BitsStored") or stored.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    ends: list[int] = []
+    for name in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+        raw = ds.get(name)
+        if raw is None:
+            continue
+        if isinstance(raw, (list, tuple, pydicom.multival.MultiValue, bytes)):
+            # VM is 1; several values (or an undecoded ambiguous US/SS) are a malformed header.
+            if qc is not None:
+                qc.warn(f"{name}={raw!r} is not a single value: padding ignored")
+            return None
+        value = _as_stored_value(raw, bits, signed)
+        if value != int(raw) and qc is not None:
+            qc.warn(
+                f"{name}={int(raw)} read as stored value {value} "
+                f"(BitsStored={bits}, PixelRepresentation={int(signed)})"
+            )
+        ends.append(value)
+    lo, hi = min(ends), max(ends)
+    mask = (stored >= lo) & (stored <= hi)
+    if qc is not None:
+        qc.padding_fraction = float(mask.mean())
+        if mask.all():
+            qc.warn(f"every pixel is padding (stored values {lo}..{hi}): output is blank")
+    return mask
+
+
 def modality_lut(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     """Modality LUT (PS3.3 C.11.1): Modality LUT Sequence, else RescaleSlope/Intercept, else identity."""
     if "ModalityLUTSequence" in ds:
@@ -172,9 +229,18 @@ def window_sigmoid(x: np.ndarray, center: float, width: float) -> np.ndarray:
 _WINDOW_FUNCTIONS = {"LINEAR": window_linear, "LINEAR_EXACT": window_linear_exact, "SIGMOID": window_sigmoid}
 
 
-def percentile_window(x: np.ndarray, low: float, high: float) -> tuple[np.ndarray, tuple[float, float]]:
-    """Linear map of the ``low``..``high`` percentiles of ``x`` onto ``[0, 1]``, clipped."""
-    lo, hi = (float(v) for v in np.percentile(x, [low, high]))
+def percentile_window(
+    x: np.ndarray, low: float, high: float, *, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Linear map of the ``low``..``high`` percentiles of ``x`` onto ``[0, 1]``, clipped.
+
+    ``exclude`` (a boolean mask like ``x``, e.g. :func:`padding_mask`) leaves those pixels out of the
+    percentiles; they are still mapped. With every pixel excluded the output is all 0.
+    """
+    sample = x if exclude is None else x[~exclude]
+    if sample.size == 0:
+        return np.zeros_like(x, dtype=np.float64), (0.0, 0.0)
+    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
     if hi <= lo:
         return np.zeros_like(x, dtype=np.float64), (lo, hi)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0), (lo, hi)
@@ -187,8 +253,14 @@ def _nth(value: Any, index: int) -> float:
     return float(value)
 
 
-def voi(x: np.ndarray, ds: Dataset, config: Any, qc: QCRecord) -> np.ndarray:
-    """The VOI step onto ``[0, 1]``; records the source, function and window in ``qc``."""
+def voi(
+    x: np.ndarray, ds: Dataset, config: Any, qc: QCRecord, *, padding: np.ndarray | None = None
+) -> np.ndarray:
+    """The VOI step onto ``[0, 1]``; records the source, function and window in ``qc``.
+
+    ``padding`` (see :func:`padding_mask`) is left out of the percentile window's statistics; a window
+    or VOI LUT from the header uses no statistics of the image, so it maps every pixel as it is.
+    """
     index = int(config.voi_index)
     if config.voi == "auto" and "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         index = min(index, len(ds.VOILUTSequence) - 1)
@@ -214,9 +286,9 @@ def voi(x: np.ndarray, ds: Dataset, config: Any, qc: QCRecord) -> np.ndarray:
             qc.voi_source, qc.voi_function, qc.window = "window", function, (center, width)
             return _WINDOW_FUNCTIONS[function](x, center, width)
         qc.warn(f"invalid WindowWidth={width} for {function}: percentile window used")
-    y, bounds = percentile_window(x, *config.percentile_window)
+    y, bounds = percentile_window(x, *config.percentile_window, exclude=padding)
     qc.voi_source, qc.window = "percentile", bounds
-    if bounds[1] <= bounds[0]:
+    if bounds[1] <= bounds[0] and not (padding is not None and padding.all()):
         qc.warn("image is constant: output is blank")
     return y
 
@@ -282,6 +354,8 @@ _DISPLAY_ATTRIBUTES = (
     "Rows",
     "Columns",
 )
+# Hashed only when present, so the digests of files without padding stay what they were.
+_PADDING_ATTRIBUTES = ("PixelPaddingValue", "PixelPaddingRangeLimit")
 
 
 def content_digest(ds: Dataset) -> str:
@@ -289,15 +363,55 @@ def content_digest(ds: Dataset) -> str:
     digest = hashlib.sha256(str(ds.file_meta.get("TransferSyntaxUID", "")).encode())
     for name in _DISPLAY_ATTRIBUTES:
         digest.update(f"|{name}={ds.get(name, '')!s}".encode())
+    for name in _PADDING_ATTRIBUTES:
+        if name in ds:
+            digest.update(f"|{name}={ds.get(name)!s}".encode())
     pixels = ds.get("PixelData")
     if pixels is not None:
         digest.update(b"|" + zlib.crc32(pixels).to_bytes(4, "little") + len(pixels).to_bytes(8, "little"))
     return digest.hexdigest()[:16]
 
 
+def _int_attribute(path: Path, ds: Dataset, name: str, default: int | None = None) -> int | None:
+    """An integer attribute (IS, US...) or ``default`` when absent or empty; a value that is not an
+    integer (``NumberOfFrames='1A'``) raises :class:`ImageReadError` naming the attribute."""
+    try:
+        value = ds.get(name)
+        if value is None or value == "":
+            return default
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value} is not a whole number")
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as err:
+        try:
+            raw = ds[name].value
+        except Exception:  # the element itself cannot be converted: show its bytes
+            raw = ds.get_item(name).value if name in ds else None
+        raise ImageReadError(path, f"malformed header: {name}={raw!r} is not an integer ({err})") from err
+
+
+# Integer attributes the pipeline depends on, checked up front so a bad one is reported by name.
+_INTEGER_ATTRIBUTES = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+)
+
+
 def header_qc(path: Path, ds: Dataset) -> QCRecord:
-    """The QC fields that come from the header alone (no pixel decoding)."""
+    """The QC fields that come from the header alone (no pixel decoding).
+
+    Raises :class:`ImageReadError` when an integer attribute of the image (Rows, BitsStored,
+    NumberOfFrames...) is malformed.
+    """
     from .preprocess import normalise_view
+
+    ints = {name: _int_attribute(path, ds, name) for name in _INTEGER_ATTRIBUTES}
 
     uid = str(ds.get("SOPInstanceUID", "") or "")
     ts = ds.file_meta.TransferSyntaxUID
@@ -310,9 +424,9 @@ def header_qc(path: Path, ds: Dataset) -> QCRecord:
         modality=str(ds.get("Modality", "") or "") or None,
         view=normalise_view(ds.get("ViewPosition")),
         photometric=str(ds.get("PhotometricInterpretation", "") or "") or None,
-        bits_allocated=int(ds.BitsAllocated) if "BitsAllocated" in ds else None,
-        bits_stored=int(ds.BitsStored) if "BitsStored" in ds else None,
-        pixel_representation=int(ds.PixelRepresentation) if "PixelRepresentation" in ds else None,
+        bits_allocated=ints["BitsAllocated"],
+        bits_stored=ints["BitsStored"],
+        pixel_representation=ints["PixelRepresentation"],
         transfer_syntax=ts.name,
         transfer_syntax_uid=str(ts),
         burned_in_annotation={"YES": True, "NO": False}.get(burned),
@@ -323,8 +437,8 @@ def header_qc(path: Path, ds: Dataset) -> QCRecord:
         qc.warn("Secondary Capture object: pixels may be a rendered or digitised copy, not detector data")
     if qc.burned_in_annotation:
         qc.warn("BurnedInAnnotation=YES: text in the pixels may identify the patient")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        qc.warn(f"{ds.NumberOfFrames} frames: only the first is used")
+    if (ints["NumberOfFrames"] or 1) > 1:
+        qc.warn(f"{ints['NumberOfFrames']} frames: only the first is used")
     return qc
 
 
@@ -345,7 +459,7 @@ def check_view(path: Path, qc: QCRecord, config: Any) -> None:
 
 
 def read_dicom(path: str | Path, config: Any) -> tuple[np.ndarray, QCRecord]:
-    """Decode -> modality LUT -> VOI -> polarity for one file; geometry is left to the caller."""
+    """Decode -> padding -> modality LUT -> VOI -> polarity for one file; geometry is left to the caller."""
     path = Path(path)
     ds = load(path)
     qc = header_qc(path, ds)
@@ -363,8 +477,19 @@ def read_dicom(path: str | Path, config: Any) -> tuple[np.ndarray, QCRecord]:
     if stored.ndim != 2:
         raise UnsupportedImageError(path, f"pixel array has shape {stored.shape}, expected (rows, columns)")
     qc.input_shape = (int(stored.shape[0]), int(stored.shape[1]))
-    values, qc.modality_lut = modality_lut(stored, ds)
-    y = voi(values, ds, config, qc)
+    try:
+        padding = padding_mask(stored, ds, qc)
+        values, qc.modality_lut = modality_lut(stored, ds)
+        y = voi(values, ds, config, qc, padding=padding)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+        if isinstance(err, ImageReadError):
+            raise
+        # e.g. RescaleSlope='x', a VOI LUT Sequence item without LUTData, PixelPaddingValue='1A'
+        raise ImageReadError(
+            path, f"malformed header: display attributes unusable ({type(err).__name__}: {err})"
+        ) from err
     y = polarity(y, ds, qc)
+    if padding is not None:
+        y = np.where(padding, 0.0, y)  # background: displayed black whatever the polarity
     read_spacing(ds, qc)
     return np.clip(y, 0.0, 1.0).astype(np.float32), qc

@@ -5,9 +5,20 @@ Uno's C with bootstrap CIs, time-dependent AUC), overall accuracy (Brier and int
 calibration at the horizon (slope, intercept, reliability table), and risk stratification (Kaplan-Meier by
 risk group, log-rank test, hazard ratio of each group against the lowest).
 
-Conventions: ``risk`` is higher-is-worse; ``surv`` is S(t) per patient; censoring weights use the
-Kaplan-Meier estimate G of the censoring distribution, evaluated just before the time (events are taken to
-precede censorings at tied times). Tests check each function against lifelines where it has one.
+Conventions: ``risk`` is higher-is-worse; ``surv`` is S(t) per patient. Censoring weights use G, the
+Kaplan-Meier estimate of the censoring survival P(C > t) (`censoring_kaplan_meier`). At a time shared by
+deaths and censorings the deaths come first: they leave G's risk set before the censorings at that time are
+counted, and a censoring at t means the patient was seen alive at t. So a patient's status is known from time
+s on exactly when C >= s, and every IPCW weight is 1 / G(s-), the left limit: s = T_i for a death, s = t for
+a patient alive at t (followed past t, or censored exactly at t). This is the weighting of Graf et al. (1999)
+and Gerds & Schumacher (2006, Biom J 48:1029) as in R's pec/riskRegression. scikit-survival (0.28) uses the
+same G but evaluates it at T_i, not T_i-, and counts as alive at t only T_i > t: on continuous times, and
+on tied times where no death shares its time with a censoring and nobody is censored exactly at t, the two
+agree to rounding (the tests check this, and the tied case against scikit-survival with death times moved
+an instant earlier). Where a death ties with a censoring, G(T_i) would drop that censoring into the death's
+own weight, and where everyone left at t is censored at t (administrative end of follow-up) G(t) = 0 and
+scikit-survival's alive patients vanish; the left limit has neither defect. Tests check each function
+against lifelines or scikit-survival where they have one.
 """
 
 from __future__ import annotations
@@ -15,20 +26,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from .survival import censoring_km, cox_ph_loss
+from .survival import cox_ph_loss
 
 __all__ = [
     "Calibration",
+    "CensoringKM",
     "CoxFit",
     "KaplanMeier",
     "LogRank",
     "bootstrap_ci",
     "brier_score",
     "calibration_at_horizon",
+    "censoring_kaplan_meier",
     "cox_hazard_ratios",
     "harrell_c",
     "integrated_brier_score",
@@ -72,6 +86,81 @@ def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
+# ------------------------------------------------------------------------------------ censoring weights
+@dataclass
+class CensoringKM:
+    """Kaplan-Meier estimate G of the censoring survival P(C > t), deaths leaving the risk set first.
+
+    ``times``: distinct censoring times; ``survival``: G just after each. ``at(t)`` is G(t) (right-continuous,
+    what scikit-survival's ``CensoringDistributionEstimator.predict_proba`` returns); ``before(t)`` is the
+    left limit G(t-) = P(C >= t), the probability that a patient still under observation at t is seen at t.
+    Both are flat beyond the last censoring time.
+    """
+
+    times: np.ndarray
+    survival: np.ndarray
+
+    def _step(self, t: float | np.ndarray, side: Literal["left", "right"]) -> np.ndarray | float:
+        idx = np.searchsorted(self.times, np.asarray(t, dtype=np.float64), side=side)
+        out = np.concatenate([[1.0], self.survival])[idx]
+        return float(out) if np.ndim(out) == 0 else out
+
+    def at(self, t: float | np.ndarray) -> np.ndarray | float:
+        return self._step(t, "right")
+
+    def before(self, t: float | np.ndarray) -> np.ndarray | float:
+        return self._step(t, "left")
+
+
+def censoring_kaplan_meier(time: np.ndarray, event: np.ndarray) -> CensoringKM:
+    """Reverse Kaplan-Meier (censorings are the "events"), with deaths at a tied time removed first.
+
+    At each censoring time u the risk set is everyone with T >= u except those who died at u, as in
+    scikit-survival's ``kaplan_meier_estimator(..., reverse=True)`` and R's ``prodlim(reverse=TRUE)``;
+    equivalently lifelines' Kaplan-Meier of the censorings after moving each death an instant earlier.
+    """
+    t, e = _arrays(time, event)
+    uniq, inv = np.unique(t, return_inverse=True)
+    n_dead = np.bincount(inv, weights=e, minlength=uniq.size)
+    n_cens = np.bincount(inv, weights=~e, minlength=uniq.size)
+    at_risk = t.size - np.concatenate([[0.0], np.cumsum(n_dead + n_cens)[:-1]]) - n_dead
+    c = n_cens > 0
+    uniq, n_cens, at_risk = uniq[c], n_cens[c], at_risk[c]
+    return CensoringKM(uniq, np.cumprod(1.0 - n_cens / at_risk))
+
+
+def _censoring(
+    time: np.ndarray, event: np.ndarray, train_time: np.ndarray | None, train_event: np.ndarray | None
+) -> CensoringKM:
+    if (train_time is None) != (train_event is None):
+        raise ValueError("metrics: give both train_time and train_event, or neither")
+    if train_time is None:
+        return censoring_kaplan_meier(time, event)
+    return censoring_kaplan_meier(train_time, train_event)  # type: ignore[arg-type]
+
+
+def _inverse(g: np.ndarray) -> np.ndarray:
+    """1/g, with nan where g = 0: the status was known where the censoring estimate says nobody is seen."""
+    with np.errstate(divide="ignore"):
+        return np.where(g > 0, 1.0 / np.where(g > 0, g, 1.0), np.nan)
+
+
+def _status_weights(
+    t: np.ndarray, e: np.ndarray, horizon: float, g: CensoringKM
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Who is dead by / alive at ``horizon`` and their IPCW weights (0 for those censored before it).
+
+    Dead: death at T_i <= horizon, weight 1/G(T_i-). Alive: T_i > horizon or censored exactly at it (seen
+    alive at the horizon), weight 1/G(horizon-). A weight is nan where G is 0 but the status is known.
+    """
+    dead = e & (t <= horizon)
+    alive = (t > horizon) | (~e & (t == horizon))
+    w = np.zeros(t.size)
+    w[dead] = _inverse(np.atleast_1d(g.before(t[dead])))
+    w[alive] = _inverse(np.atleast_1d(np.float64(g.before(horizon))))[0]
+    return dead, alive, w
+
+
 def uno_c(
     time: np.ndarray,
     event: np.ndarray,
@@ -82,25 +171,23 @@ def uno_c(
 ) -> float:
     """Uno's IPCW concordance truncated at ``tau`` (Uno et al. 2011, Stat Med 30:1105).
 
-    Each comparable pair (d_i = 1, T_i < T_j or tied with j censored, T_i < tau) is weighted by G(T_i-)^-2, which removes the
-    dependence of Harrell's C on the censoring distribution. G is estimated on ``train_*`` when given (the
-    usual choice), else on the test cohort itself.
+    Each comparable pair (d_i = 1, T_i < T_j or tied with j censored, T_i < tau) is weighted by
+    G(T_i-)^-2, which removes the dependence of Harrell's C on the censoring distribution. G is estimated on
+    ``train_*`` when given (the usual choice), else on the test cohort itself; nan if G(T_i-) = 0 for a
+    death that counts.
     """
     t, e, r = _arrays(time, event, risk)
-    g = censoring_km(
-        t if train_time is None else np.asarray(train_time, np.float64),
-        e if train_event is None else np.asarray(train_event, bool),
-    )
+    g = _censoring(t, e, train_time, train_event)
     tau = float(np.max(t)) + 1.0 if tau is None else float(tau)
-    num = den = 0.0
     idx = np.nonzero(e & (t < tau))[0]
-    for i, gi in zip(idx, g(t[idx], left=True)):
-        if gi <= 0:
-            continue
-        w = 1.0 / gi**2
+    w = _inverse(np.atleast_1d(g.before(t[idx]))) ** 2
+    if np.isnan(w).any():
+        return float("nan")
+    num = den = 0.0
+    for i, wi in zip(idx, w):
         later = (t > t[i]) | ((t == t[i]) & ~e)
-        den += w * later.sum()
-        num += w * _pair_scores(r[i], r[later]).sum()
+        den += wi * later.sum()
+        num += wi * _pair_scores(r[i], r[later]).sum()
     return float(num / den) if den > 0 else float("nan")
 
 
@@ -114,21 +201,19 @@ def time_dependent_auc(
 ) -> float:
     """Cumulative/dynamic AUC at time ``t`` with IPCW (Uno et al. 2007; Hung & Chiang 2010).
 
-    Cases: events at or before t, weighted 1/G(T_i-); controls: still event-free after t. The probability that
-    a case has the higher risk than a control (ties one half).
+    Cases: deaths at or before t, weighted 1/G(T_i-); controls: alive at t (followed past t or censored
+    exactly at t), all with the same weight 1/G(t-), which cancels. The weighted probability that a case has
+    the higher risk than a control (ties one half).
     """
     tt, e, r = _arrays(time, event, risk)
-    g = censoring_km(
-        tt if train_time is None else np.asarray(train_time, np.float64),
-        e if train_event is None else np.asarray(train_event, bool),
-    )
-    cases = np.nonzero(e & (tt <= t))[0]
-    controls = tt > t
-    if cases.size == 0 or not controls.any():
+    dead, alive, w = _status_weights(tt, e, float(t), _censoring(tt, e, train_time, train_event))
+    if not dead.any() or not alive.any():
         return float("nan")
-    w = 1.0 / np.clip(g(tt[cases], left=True), 1e-12, None)
-    s = _pair_scores(r[cases][:, None], r[controls][None, :]).mean(1)
-    return float((w * s).sum() / w.sum())
+    wc = w[dead]
+    if np.isnan(wc).any():
+        return float("nan")
+    s = _pair_scores(r[dead][:, None], r[alive][None, :]).mean(1)
+    return float((wc * s).sum() / wc.sum())
 
 
 def brier_score(
@@ -139,21 +224,17 @@ def brier_score(
     train_time: np.ndarray | None = None,
     train_event: np.ndarray | None = None,
 ) -> float:
-    """IPCW Brier score at ``t`` (Graf et al. 1999): squared error of S_i(t) against the observed status.
+    """IPCW Brier score at ``t`` (Graf et al. 1999, Stat Med 18:2529): squared error of S_i(t) vs the status.
 
-    Dead by t: (0 - S_i(t))^2 / G(T_i-); alive after t: (1 - S_i(t))^2 / G(t); censored before t: 0.
+    Dead by t: S_i(t)^2 / G(T_i-); alive at t (followed past t, or censored exactly at t, as at an
+    administrative end of follow-up): (1 - S_i(t))^2 / G(t-); censored before t: 0; averaged over all N.
+    Equals ``sksurv.metrics.brier_score`` wherever no death ties with a censoring and nobody is censored
+    exactly at t (see the module docstring); nan if a needed G is 0.
     """
     tt, e, s = _arrays(time, event, surv_at_t)
-    g = censoring_km(
-        tt if train_time is None else np.asarray(train_time, np.float64),
-        e if train_event is None else np.asarray(train_event, bool),
-    )
-    dead = e & (tt <= t)
-    alive = tt > t
-    g_dead = np.clip(g(tt, left=True), 1e-12, None)
-    g_t = max(float(g(t)), 1e-12)
-    contrib = np.where(dead, s**2 / g_dead, 0.0) + np.where(alive, (1.0 - s) ** 2 / g_t, 0.0)
-    return float(contrib.mean())
+    dead, alive, w = _status_weights(tt, e, float(t), _censoring(tt, e, train_time, train_event))
+    sq = np.where(dead, s**2, 0.0) + np.where(alive, (1.0 - s) ** 2, 0.0)
+    return float(np.sum(np.where(dead | alive, w * sq, 0.0)) / tt.size)
 
 
 def integrated_brier_score(
@@ -181,11 +262,13 @@ def integrated_brier_score(
 # ----------------------------------------------------------------------------------------- calibration
 @dataclass
 class Calibration:
-    """Logistic recalibration of P(death by horizon) among patients whose status at the horizon is known.
+    """Logistic recalibration of P(death by horizon), IPCW-weighted for censoring before the horizon.
 
     ``slope``: coefficient of logit(p) (1 = ideal, < 1 = predictions too extreme); ``intercept``:
-    calibration-in-the-large, the intercept with logit(p) as an offset (0 = ideal). ``bins``: reliability
-    table rows (mean predicted, observed = 1 - Kaplan-Meier at the horizon within the bin, n).
+    calibration-in-the-large, the intercept with logit(p) as an offset (0 = ideal, < 0 = risks too high).
+    ``n_used``: patients with nonzero weight (status at the horizon observed: dead by it or alive at it).
+    ``bins``: reliability table rows (mean predicted, observed = 1 - Kaplan-Meier at the horizon within the
+    bin, n in the bin including those censored before the horizon).
     """
 
     slope: float
@@ -194,14 +277,16 @@ class Calibration:
     bins: list[tuple[float, float, int]]
 
 
-def _logistic_fit(x: np.ndarray, y: np.ndarray, offset: np.ndarray, n_iter: int = 50) -> np.ndarray:
-    """Newton-Raphson logistic regression; x includes the intercept column."""
+def _logistic_fit(
+    x: np.ndarray, y: np.ndarray, offset: np.ndarray, weight: np.ndarray, n_iter: int = 50
+) -> np.ndarray:
+    """Weighted Newton-Raphson logistic regression (maximises sum w_i log-lik_i); x has the intercept column."""
     beta = np.zeros(x.shape[1])
     for _ in range(n_iter):
         eta = x @ beta + offset
         p = 1.0 / (1.0 + np.exp(-eta))
-        grad = x.T @ (y - p)
-        hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(x.shape[1])
+        grad = x.T @ (weight * (y - p))
+        hess = (x * (weight * p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, grad)
         beta = beta + step
         if np.max(np.abs(step)) < 1e-10:
@@ -212,18 +297,31 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, offset: np.ndarray, n_iter: int 
 def calibration_at_horizon(
     time: np.ndarray, event: np.ndarray, prob: np.ndarray, horizon: float, n_bins: int = 10
 ) -> Calibration:
-    """Calibration slope and intercept at ``horizon`` plus a reliability table (quantile bins of prob)."""
+    """Calibration slope and intercept at ``horizon`` plus a reliability table (quantile bins of prob).
+
+    Slope and intercept are fitted by IPCW-weighted logistic regression of y_i = 1{death by the horizon} on
+    logit(p_i) (Gerds & Schumacher 2006, Biom J 48:1029; the IPCW calibration model of Austin, Harrell & van
+    Klaveren 2020, Stat Med 39:2714, sec. 2). Weights: 1/G(T_i-) for deaths by the horizon, 1/G(horizon-)
+    for patients alive at it (followed past it, or censored exactly at it), 0 for those censored before it;
+    G is the censoring Kaplan-Meier of the cohort (`censoring_kaplan_meier`). Under independent censoring
+    the weighted score equations have the same expectation as with complete follow-up, so a perfectly
+    calibrated p gives slope 1 and intercept 0; the complete-case fit (dropping censored-before-horizon
+    patients) does not, because those who stay in are enriched for early deaths.
+    """
     t, e, p = _arrays(time, event, prob)
-    # alive at the horizon: followed beyond it, or censored exactly at it (administrative censoring)
-    known = (t >= horizon) | e
-    y = (e & (t <= horizon))[known].astype(np.float64)
-    pk = np.clip(p[known], 1e-6, 1 - 1e-6)
+    horizon = float(horizon)
+    dead, alive, w = _status_weights(t, e, horizon, censoring_kaplan_meier(t, e))
+    used = (dead | alive) & (w > 0)
+    y = dead[used].astype(np.float64)
+    wk = w[used]
+    pk = np.clip(p[used], 1e-6, 1 - 1e-6)
     lp = np.log(pk / (1 - pk))
-    if y.size < 3 or y.min() == y.max():
+    if y.size < 3 or y.min() == y.max() or not np.isfinite(wk).all():
         slope = intercept = float("nan")
     else:
-        slope = float(_logistic_fit(np.stack([np.ones_like(lp), lp], 1), y, np.zeros_like(lp))[1])
-        intercept = float(_logistic_fit(np.ones((lp.size, 1)), y, lp)[0])
+        wk = wk / wk.mean()  # scale-free; keeps the Newton ridge relative to n
+        slope = float(_logistic_fit(np.stack([np.ones_like(lp), lp], 1), y, np.zeros_like(lp), wk)[1])
+        intercept = float(_logistic_fit(np.ones((lp.size, 1)), y, lp, wk)[0])
     edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)))
     idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(edges.size - 2, 0))
     bins: list[tuple[float, float, int]] = []
@@ -233,7 +331,7 @@ def calibration_at_horizon(
             continue
         km = kaplan_meier(t[m], e[m])
         bins.append((float(p[m].mean()), float(1.0 - km.at(horizon)), int(m.sum())))
-    return Calibration(slope, intercept, int(known.sum()), bins)
+    return Calibration(slope, intercept, int(used.sum()), bins)
 
 
 # --------------------------------------------------------------------------- Kaplan-Meier and log-rank

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # A fixed salt so that keys are stable across runs yet differ from a bare SHA-256 of the UID that a
@@ -26,12 +27,44 @@ def image_key(identity: str) -> str:
 
 
 class ImageReadError(ValueError):
-    """An image could not be read; the message names the file and what to do about it."""
+    """An image could not be read; the message names the file (and its cohort-table line, when known)
+    and what to do about it.
 
-    def __init__(self, path: object, reason: str) -> None:
+    Attributes:
+        path: the file as the caller gave it.
+        reason: what was wrong, without the path.
+        line: the line of the cohort CSV (header = line 1) that named the file, or ``None``.
+    """
+
+    def __init__(self, path: object, reason: str, line: int | None = None) -> None:
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.line = line
+        where = f"{self.path} (line {line})" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+    def with_line(self, line: int | None) -> ImageReadError:
+        """The same error (same class) with the cohort-table line added to its message."""
+        if line is None or line == self.line:
+            return self
+        err = type(self)(self.path, self.reason, line)
+        err.__cause__, err.__traceback__ = self.__cause__, self.__traceback__
+        return err
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild from the fields, not from the formatted message, so errors survive pickling (e.g. from
+        # DataLoader worker processes) and copying.
+        return (type(self), (self.path, self.reason, self.line))
+
+    def to_dict(self) -> dict[str, Any]:
+        """One row of an exclusion report: file name, path, line, error class and reason."""
+        return {
+            "file": Path(self.path).name,
+            "path": self.path,
+            "line": self.line,
+            "error": type(self).__name__,
+            "reason": self.reason,
+        }
 
 
 class UnsupportedImageError(ImageReadError):
@@ -68,6 +101,9 @@ class QCRecord:
         voi_function: VOILUTFunction applied with a window (``LINEAR``, ``LINEAR_EXACT``, ``SIGMOID``).
         window: (center, width) of the window used, or the percentile window's (low, high) bounds.
         inversion_applied: True when MONOCHROME1 / PresentationLUTShape INVERSE / TIFF min-is-white.
+        padding_fraction: share of pixels marked as padding by PixelPaddingValue (and
+            PixelPaddingRangeLimit), set to 0 and left out of the percentile window; ``None`` when the
+            file declares no padding.
         burned_in_annotation: BurnedInAnnotation as a bool, ``None`` when absent.
         pixel_spacing_mm: (row, column) spacing in mm at the patient, or ``None`` when unknown.
         spacing_source: ``"PixelSpacing"``, ``"ImagerPixelSpacing"``, ``"ImagerPixelSpacing/ERMF"``.
@@ -93,6 +129,7 @@ class QCRecord:
     voi_function: str | None = None
     window: tuple[float, float] | None = None
     inversion_applied: bool = False
+    padding_fraction: float | None = None
     burned_in_annotation: bool | None = None
     pixel_spacing_mm: tuple[float, float] | None = None
     spacing_source: str | None = None

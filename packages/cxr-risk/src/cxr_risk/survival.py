@@ -215,13 +215,14 @@ class _StepFunction:
 
 
 def censoring_km(time: np.ndarray, event: np.ndarray) -> _StepFunction:
-    """Kaplan-Meier estimate G(t) of the censoring survival (censorings are the "events")."""
+    """Kaplan-Meier estimate G(t) of the censoring survival (censorings are the "events"), with deaths at a
+    tied time leaving the risk set first: the convention of ``metrics.censoring_kaplan_meier``."""
     t = np.asarray(time, dtype=np.float64)
     c = ~np.asarray(event, dtype=bool)
     uniq = np.unique(t[c])
     if uniq.size == 0:
         return _StepFunction(np.array([np.inf]), np.array([1.0]))
-    at_risk = np.array([(t >= u).sum() for u in uniq], dtype=np.float64)
+    at_risk = np.array([(t >= u).sum() - ((t == u) & ~c).sum() for u in uniq], dtype=np.float64)
     n_c = np.array([((t == u) & c).sum() for u in uniq], dtype=np.float64)
     return _StepFunction(uniq, np.cumprod(1.0 - n_c / at_risk))
 
