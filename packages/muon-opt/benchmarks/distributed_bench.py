@@ -52,6 +52,9 @@ except ImportError:  # run directly: tools/ is two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
     import benchkit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory
+
 PROFILES = {
     # d_model, layers, vocab, repeats
     "quick": dict(d=64, layers=2, vocab=256, repeats=2),
@@ -157,7 +160,7 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
     def add(name: str, model: nn.Module, opt: Any, allreduce: bool, extra_bytes: int = 0) -> None:
         params = list(model.parameters())
 
-        def step() -> None:
+        def prepare() -> None:
             for p, g in zip(params, grads, strict=True):
                 if hasattr(p, "to_local"):  # FSDP: the gradient arrives as this rank's rows
                     from torch.distributed.tensor import distribute_tensor
@@ -167,9 +170,12 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
                     p.grad = g.clone()
             if allreduce:
                 ddp_allreduce(model)
+
+        def step() -> None:
+            prepare()
             opt.step()
 
-        contenders[name] = dict(step=step, opt=opt, allreduce=allreduce, extra=extra_bytes)
+        contenders[name] = dict(step=step, prepare=prepare, opt=opt, allreduce=allreduce, extra=extra_bytes)
 
     kw = dict(lr=0.02, weight_decay=0.1, ns_dtype="float32")
     m = fresh()
@@ -194,6 +200,8 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
     add("DDPMuon (+ DDP all-reduce)", m, DDPMuon(_groups(m), process_group=pg, **kw), True)
     m = fresh()
     add("ZeroMuon (min-straddle, bf16 gather)", m, ZeroMuon(_groups(m), process_group=pg, comm_dtype=torch.bfloat16, **kw), False)  # fmt: skip
+    m = fresh()
+    add("ZeroMuon (min-straddle, bf16, one comm bucket)", m, ZeroMuon(_groups(m), process_group=pg, comm_dtype=torch.bfloat16, comm_bucket_bytes=4 * n_params, **kw), False)  # fmt: skip
     m = fresh()
     add("ZeroMuon (natural layout, bf16 gather)", m, ZeroMuon(_groups(m), process_group=pg, layout="natural", comm_dtype=torch.bfloat16, **kw), False)  # fmt: skip
     m = fresh()
@@ -234,6 +242,22 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
     finally:
         dist.broadcast = real_broadcast  # type: ignore[assignment]
 
+    # Peak transient bytes of the optimizer step alone (gradients set and, for the DDP schemes, averaged
+    # beforehand), per rank: what the step allocates on top of parameters, gradients and state.
+    peaks: dict[str, int] = {}
+    for name, c in contenders.items():
+        c["prepare"]()
+        dist.barrier(pg)
+        try:
+            mine = memory.peak_transient_bytes(c["opt"].step)
+        except Exception:  # a tensor subclass the counting mode cannot see into (DTensor): not measured
+            c["opt"].step()
+            mine = -1
+        everyone = [None] * W
+        dist.all_gather_object(everyone, mine, group=pg)
+        peaks[name] = -1 if min(everyone) < 0 else max(everyone)  # type: ignore[type-var]
+    largest = max(p.numel() * p.element_size() for p in fresh().parameters() if p.ndim == 2)
+
     single_muon_state = _state_bytes(contenders["naive Muon (all-reduce + every rank NS)"]["opt"])
     out = []
     for name, c in contenders.items():
@@ -259,6 +283,8 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
             state_single=single_muon_state,
             n_params=n_params,
             repeats=repeats,
+            peak_transient=peaks[name] if peaks[name] >= 0 else None,
+            largest_matrix_bytes=largest,
         )
         if hasattr(opt, "layout"):
             row["straddling"] = opt.layout.report()["straddling_matrices"]
@@ -331,6 +357,10 @@ def run(profile: str, outdir: Path, clock: benchkit.SectionClock | None = None) 
                 round(r["state_max"] / 2**20, 3),
                 round(r["state_max"] / r["state_single"], 3),
                 r.get("straddling", ""),
+                "n/a" if r["peak_transient"] is None else round(r["peak_transient"] / 2**20, 3),
+                "n/a"
+                if r["peak_transient"] is None
+                else round(r["peak_transient"] / (4 * r["n_params"] / r["W"]), 3),
             ]
         )
     for W in (2, 4):
@@ -345,6 +375,14 @@ def run(profile: str, outdir: Path, clock: benchkit.SectionClock | None = None) 
             f"W={W}: ZeRO-1 Muon sends {z['bytes_per_step'] / base['bytes_per_step']:.4f}x the bytes of ZeRO-1 AdamW "
             f"(paper: 1x-1.25x); its per-rank state is {z['state_max'] / z['state_single']:.3f}x single-process Muon's."
         )
+        if z["peak_transient"] is not None:
+            model_w = 4 * z["n_params"] / W
+            notes.append(
+                f"W={W}: ZeroMuon's step transient is {z['peak_transient'] / 2**20:.2f} MiB per rank (max) = "
+                f"{z['peak_transient'] / model_w:.2f}x model/W, bound 1.2x model/W + largest matrix = "
+                f"{(1.2 * model_w + z['largest_matrix_bytes']) / 2**20:.2f} MiB "
+                f"({'within' if z['peak_transient'] <= 1.2 * model_w + z['largest_matrix_bytes'] else 'OVER'})."
+            )
     plot = _plot(rows, outdir)
     section = benchkit.Section(
         title="Distributed Muon on gloo (2 and 4 processes)",
@@ -360,6 +398,8 @@ def run(profile: str, outdir: Path, clock: benchkit.SectionClock | None = None) 
             "max state MiB/rank",
             "x single-process Muon state",
             "straddling matrices",
+            "step transient MiB/rank (max)",
+            "transient x model/W",
         ],
         rows=table,
         plots=[plot] if plot else [],
@@ -370,6 +410,9 @@ def run(profile: str, outdir: Path, clock: benchkit.SectionClock | None = None) 
             "Bytes: bandwidth-optimal cost model (all-gather/reduce-scatter (W-1)/W, all-reduce 2(W-1)/W of the "
             "payload per rank; all-to-all exact). FSDPMuon includes FSDP's parameter all-gather and gradient "
             "reduce-scatter, which happen outside its timed step.",
+            "Step transient: peak bytes the optimizer step allocates beyond parameters, gradients and state "
+            "(benchmarks/memory.py; gradients set and, for the DDP schemes, all-reduced before), the max over "
+            "ranks; n/a where the counting mode cannot see through DTensor.",
         ],
     )
     return [section]
