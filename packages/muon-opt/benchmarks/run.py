@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchkit
+import compile_bench
 import step_time
 import training
 
@@ -35,6 +36,7 @@ SKIPS = {
     "step": ("step time",),
     "no-bf16": ("step time without bf16",),
     "ns": ("newton-schulz",),
+    "compile": ("compile",),
     "training": ("training: lr sweep", "training: seeds"),
     "distributed": ("distributed",),
 }
@@ -166,6 +168,13 @@ def main() -> None:
                 f"{batched / loop:.2f}x ({batched:.1f} vs {loop:.1f} ms)",
                 TARGET_BATCHED,
             )
+            adamw = _ms_row(small, "torch.optim.AdamW (foreach)")
+            result.add_headline(
+                f"{step_s.small_count} small matrices ({step_s.small_shape[0]}x{step_s.small_shape[1]}): "
+                "Muon step / AdamW (foreach) step",
+                f"{batched / adamw:.2f}x ({batched:.1f} vs {adamw:.1f} ms)",
+                "close to 1x (Muon adds Newton-Schulz to the same per-parameter work)",
+            )
         result.write(args.out)
     if run("step time without bf16"):
         with runner.section("step time without bf16") as clock:
@@ -185,6 +194,20 @@ def main() -> None:
     if run("newton-schulz"):
         with runner.section("newton-schulz") as clock:
             result.sections.append(step_time.ns_time_section(step_s, device, outdir, PREFIX, clock))
+        result.write(args.out)
+    if run("compile"):
+        with runner.section("compile") as clock:
+            section, extra = compile_bench.section(profile, device, clock, repeats=step_s.repeats)
+            result.sections.append(section)
+            result.extra["compile"] = extra
+            once = len(set(extra["graphs_tensor_lr"])) == 1
+            result.add_headline(
+                "torch.compile(opt.step) under LambdaLR with a tensor lr: graphs compiled after each step",
+                " ".join(map(str, extra["graphs_tensor_lr"]))
+                + (" (compiles once)" if once else " (RECOMPILES)")
+                + f"; with a float lr: {' '.join(map(str, extra['graphs_float_lr']))}",
+                "compiles once",
+            )
         result.write(args.out)
     if run("training: lr sweep"):
         with runner.section("training: lr sweep") as clock:

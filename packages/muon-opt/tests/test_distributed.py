@@ -394,7 +394,13 @@ def _nonfinite_checks(rank: int, pgs: dict, results: dict) -> None:
 
 def _checkpoint_checks(rank: int, pgs: dict, outdir: Path, results: dict) -> None:
     """Save at W=4 after 2 steps; resume at W=2 and W=1 (same tier and across tiers) for step 3, and record
-    step 3 of the uninterrupted W=4 run to compare with."""
+    step 3 of the uninterrupted W=4 run to compare with. Two routes: ``save_checkpoint`` /
+    ``load_checkpoint``, and torch's ``get_optimizer_state_dict`` -> ``dcp.save`` -> ``dcp.load`` into the
+    new optimizer's ``get_optimizer_state_dict`` -> ``set_optimizer_state_dict``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
     from muon_opt.distributed import load_checkpoint, save_checkpoint
 
     for tier in ("ddp", "zero1", "fsdp"):
@@ -403,28 +409,48 @@ def _checkpoint_checks(rank: int, pgs: dict, outdir: Path, results: dict) -> Non
         params = {n: _full(p) for n, p in model.named_parameters()}
         path = outdir / f"ckpt-{tier}"
         save_checkpoint(opt, path)
+        osd = get_optimizer_state_dict(model, opt)
+        kinds = sorted(
+            {type(v).__name__ for st in osd["state"].values() for k, v in st.items() if k != "step"}
+        )
+        dcp.save({"optim": osd}, checkpoint_id=str(outdir / f"dsd-{tier}"), process_group=pgs[4])
         _train(tier, model, opt, 4, rank, pgs[4], range(2, 3), 1)
         cont = {n: _full(p) for n, p in model.named_parameters()}
         if rank == 0:
             results[f"ckpt-{tier}-W4"] = {
                 "at_save": {n: t.tolist() for n, t in params.items()},
                 "continued": {n: t.tolist() for n, t in cont.items()},
+                "dsd_state_keys": sorted(osd["state"]),
+                "dsd_value_types": kinds,
+                "dsd_all_dtensor": all(
+                    isinstance(v, DTensor)
+                    for st in osd["state"].values()
+                    for k, v in st.items()
+                    if k != "step"
+                ),
             }
         dist.barrier()
         for W in (2, 1):
             for load_tier in (tier, "zero1" if tier != "zero1" else "fsdp"):
-                key = f"ckpt-{tier}-W4-to-{load_tier}-W{W}"
-                if rank < W:
-                    try:
-                        model2, opt2 = _make(load_tier, W, pgs[W], "fp32", init=params)
-                        load_checkpoint(opt2, path)
-                        _train(load_tier, model2, opt2, W, rank, pgs[W], range(2, 3), 1)
-                        got = {n: _full(p) for n, p in model2.named_parameters()}
-                        if rank == 0:
-                            results[key] = {"params": {n: t.tolist() for n, t in got.items()}}
-                    except BaseException:  # dcp raises CheckpointException, a BaseException
-                        results[key] = {"error": traceback.format_exc()}
-                dist.barrier()
+                for route in ("own", "dsd"):
+                    key = f"ckpt-{tier}-W4-to-{load_tier}-W{W}" + ("" if route == "own" else "-dsd")
+                    if rank < W:
+                        try:
+                            model2, opt2 = _make(load_tier, W, pgs[W], "fp32", init=params)
+                            if route == "own":
+                                load_checkpoint(opt2, path)
+                            else:
+                                osd2 = get_optimizer_state_dict(model2, opt2)
+                                dcp.load({"optim": osd2}, checkpoint_id=str(outdir / f"dsd-{tier}"),
+                                         process_group=pgs[W])  # fmt: skip
+                                set_optimizer_state_dict(model2, opt2, osd2)
+                            _train(load_tier, model2, opt2, W, rank, pgs[W], range(2, 3), 1)
+                            got = {n: _full(p) for n, p in model2.named_parameters()}
+                            if rank == 0:
+                                results[key] = {"params": {n: t.tolist() for n, t in got.items()}}
+                        except BaseException:  # dcp raises CheckpointException, a BaseException
+                            results[key] = {"error": traceback.format_exc()}
+                    dist.barrier()
 
 
 def _memory_checks(rank: int, pgs: dict, results: dict) -> None:
@@ -647,13 +673,27 @@ def test_bf16_comm_halves_gathered_bytes(suite: dict) -> None:
         ("fsdp", "zero1"),
     ],
 )
-def test_checkpoint_reshards(suite: dict, saved: str, loaded: str, W: int) -> None:
-    """Save at W=4 after 2 steps, load at W=2 / W=1 (same or another tier): step 3 is the step the
-    uninterrupted W=4 run takes (a lost or misplaced state piece would change it at O(1))."""
+@pytest.mark.parametrize("route", ("own", "dsd"))
+def test_checkpoint_reshards(suite: dict, saved: str, loaded: str, W: int, route: str) -> None:
+    """Save at W=4 after 2 steps, load at W=2 / W=1 (same or another tier), through our save/load helpers
+    or through torch's get/set_optimizer_state_dict and DCP: step 3 is the step the uninterrupted W=4 run
+    takes (a lost or misplaced state piece would change it at O(1))."""
     base = _entry(suite, f"ckpt-{saved}-W4")
     at_save, cont = _tensors(base["at_save"]), _tensors(base["continued"])
-    got = _tensors(_entry(suite, f"ckpt-{saved}-W4-to-{loaded}-W{W}")["params"])
-    _assert_close(_rel_change_error(got, cont, at_save), FP32_TOL, f"checkpoint {saved}@4 -> {loaded}@{W}")
+    key = f"ckpt-{saved}-W4-to-{loaded}-W{W}" + ("" if route == "own" else "-dsd")
+    got = _tensors(_entry(suite, key)["params"])
+    _assert_close(
+        _rel_change_error(got, cont, at_save), FP32_TOL, f"checkpoint {saved}@4 -> {loaded}@{W} ({route})"
+    )
+
+
+@pytest.mark.parametrize("tier", ("ddp", "zero1", "fsdp"))
+def test_state_dict_is_dtensor_keyed_by_parameter_name(suite: dict, tier: str) -> None:
+    """get_optimizer_state_dict works on every tier (it raised KeyError '0' on the ShardedTensor layout):
+    state keyed by the model's parameter names, every state tensor a DTensor."""
+    base = _entry(suite, f"ckpt-{tier}-W4")
+    assert base["dsd_state_keys"] == sorted(n for n, _ in Net().named_parameters())
+    assert base["dsd_all_dtensor"], base["dsd_value_types"]
 
 
 # ---------------------------------------------------------------------- clipping and non-finite gradients

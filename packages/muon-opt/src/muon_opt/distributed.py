@@ -20,11 +20,11 @@ for NS (and the updates ``DDPMuon`` all-gathers) in bf16, as the paper does; par
 travel in their own dtype. Every collective's bytes are recorded in ``optimizer.comm``
 (:class:`~muon_opt.distributed_comm.CommCounter`).
 
-``state_dict()`` returns one entry per parameter (by its position in the param groups), each state tensor a
-``ShardedTensor`` of the parameter's flattened size holding only this rank's piece; save and load it with
-``torch.distributed.checkpoint`` and it reshards to any world size and any tier (:func:`save_checkpoint`,
-:func:`load_checkpoint`; calling ``dcp.load`` yourself, pass ``planner=DefaultLoadPlanner(
-flatten_sharded_tensors=False)``, since a rank may hold no piece of some parameter).
+``state_dict()`` returns ``torch.optim``'s layout (``{"state": {param index: {...}}, "param_groups": [...]}``)
+with every state tensor a DTensor of the parameter's shape sharded on dim 0 over the group, whatever the
+tier (:mod:`muon_opt.distributed_checkpoint`): ``torch.distributed.checkpoint.state_dict``'s
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` work with it, and ``torch.distributed.checkpoint``
+reshards it to any world size and any tier (:func:`save_checkpoint`, :func:`load_checkpoint`).
 
 Gradient rules: ``grad is None`` skips a parameter (no momentum, no weight decay), as in ``muon_opt.Muon``.
 ``DDPMuon`` and ``FSDPMuon`` need it to be the same on every rank (DDP and FSDP guarantee this); ``ZeroMuon``
@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from muon_opt import distributed_checkpoint
 from muon_opt.adamw import adamw_reference
 from muon_opt.distributed_comm import CommCounter
 from muon_opt.distributed_layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
@@ -69,21 +70,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
-
-#: Group entries saved in a checkpoint (hyper-parameters; the parameters themselves are in the model).
-_HYPER_KEYS = (
-    "lr",
-    "weight_decay",
-    "momentum",
-    "nesterov",
-    "ns_steps",
-    "eps",
-    "adjust_lr",
-    "adamw_betas",
-    "adamw_eps",
-    "adamw_lr_ratio",
-    "adamw_weight_decay",
-)
 
 
 @dataclass
@@ -179,10 +165,11 @@ class _DistributedMuon(Muon):
     def _init_state(self, like: Callable[[_Param], Tensor | None]) -> None:
         """Zero state for what this rank holds (zeros are what single-process Muon starts from)."""
         for info in self._infos:
+            st = self.state[info.param]  # an entry for every parameter, so that optim.state is never empty
+            # (get_optimizer_state_dict would otherwise "initialise" it with a zero-lr step on this rank only)
             ref = like(info)
             if ref is None:
                 continue
-            st = self.state[info.param]
             if info.muon:
                 st["momentum_buffer"] = torch.zeros_like(ref)
             else:
@@ -329,84 +316,17 @@ class _DistributedMuon(Muon):
     # ------------------------------------------------------------------ world-size independent checkpoints
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Sharded, world-size independent state: save with ``torch.distributed.checkpoint``.
-
-        ``{"state": {"<param index>": {"momentum_buffer" | "exp_avg" | "exp_avg_sq": ShardedTensor[numel],
-        "step": tensor}}, "param_groups": {"<group index>": hyper-parameters}}``; each ShardedTensor holds this rank's piece of
-        the flattened state (this is a collective call: every rank of the group must make it).
-        """
-        from torch.distributed._shard.metadata import ShardMetadata
-        from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-
-        global_rank = dist.get_rank()
-        state: dict[str, Any] = {}
-        for info in self._infos:
-            entry: dict[str, Any] = {}
-            held = self._held(info, self.rank)
-            keys = ("momentum_buffer",) if info.muon else ("exp_avg", "exp_avg_sq")
-            for key in keys:
-                shards = []
-                if held is not None:
-                    local = self.state[info.param][key].reshape(-1)
-                    placement = f"rank:{global_rank}/{local.device}"
-                    shards.append(Shard(local, ShardMetadata([held[0]], [held[1]], placement)))
-                entry[key] = init_from_local_shards(shards, [info.numel], process_group=self.process_group)
-            if not info.muon:
-                entry["step"] = torch.tensor(self._steps[info.index])
-            state[str(info.index)] = entry
-        # a dict, not a list: torch.distributed.checkpoint flattens lists of dicts inconsistently on load
-        groups = {str(n): {k: g[k] for k in _HYPER_KEYS} for n, g in enumerate(self.param_groups)}
-        return {"state": state, "param_groups": groups}
+        """World-size independent state, every tensor a DTensor sharded ``Shard(0)`` over this group
+        (:mod:`muon_opt.distributed_checkpoint`), in ``torch.optim``'s layout: save it with
+        ``torch.distributed.checkpoint`` directly or through ``get_optimizer_state_dict``. A collective:
+        every rank of the group must call it."""
+        return distributed_checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load what :meth:`state_dict` returned after ``torch.distributed.checkpoint.load`` filled it.
-
-        A plain (unsharded) tensor of the parameter's size is accepted too: this rank takes its piece.
-        """
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-        groups = state_dict["param_groups"]
-        groups = [groups[str(n)] for n in range(len(groups))] if isinstance(groups, dict) else list(groups)
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: checkpoint has {len(groups)} param groups, optimizer has "
-                f"{len(self.param_groups)}; build the optimizer with the same groups"
-            )
-        for g, saved in zip(self.param_groups, groups, strict=True):
-            for k in _HYPER_KEYS:
-                if k in saved:
-                    g[k] = tuple(saved[k]) if k == "adamw_betas" else saved[k]
-            # a file written before AdamW's lr became a ratio of lr: its adamw_lr was absolute
-            if "adamw_lr_ratio" not in saved and saved.get("adamw_lr") is not None:
-                base = float(saved.get("initial_lr", saved["lr"]))
-                g["adamw_lr_ratio"] = saved["adamw_lr"] / base if base > 0 else g["adamw_lr_ratio"]
-        for info in self._infos:
-            entry = state_dict["state"].get(str(info.index))
-            if entry is None:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: no state for parameter {info.index}"
-                )
-            if not info.muon:
-                self._steps[info.index] = int(entry["step"])
-            held = self._held(info, self.rank)
-            if held is None:
-                continue
-            for key, dst in self.state[info.param].items():
-                src = entry[key]
-                if isinstance(src, ShardedTensor):
-                    pieces = [s.tensor for s in src.local_shards() if s.metadata.shard_offsets[0] == held[0]]
-                    if len(pieces) != 1:
-                        raise ValueError(
-                            f"load_state_dict: parameter {info.index} {key!r}: the ShardedTensor does not hold "
-                            f"elements [{held[0]}, {held[0] + held[1]}); pass the dict this optimizer's "
-                            "state_dict() returned, filled by torch.distributed.checkpoint.load"
-                        )
-                    piece = pieces[0]
-                else:
-                    piece = src.reshape(-1)[held[0] : held[0] + held[1]]
-                flat = dst.view(-1)
-                if piece.data_ptr() != flat.data_ptr():
-                    flat.copy_(piece.reshape(-1))
+        """Load what :meth:`state_dict` returned (after ``torch.distributed.checkpoint.load`` filled it, at
+        any world size and from any tier), what ``set_optimizer_state_dict`` passes, or full tensors.
+        A collective."""
+        distributed_checkpoint.load_state_dict(self, state_dict)
 
 
 # ---------------------------------------------------------------------- tier 1: replicated parameters
@@ -966,9 +886,6 @@ def load_checkpoint(optimizer: _DistributedMuon, path: str | Path) -> None:
     """Load a checkpoint written by :func:`save_checkpoint` at any world size, into any tier (collective)."""
     import torch.distributed.checkpoint as dcp
 
-    sd = {"optimizer": optimizer.state_dict()}
-    # DefaultLoadPlanner's nested-ShardedTensor flattening drops tensors of which this rank holds no piece,
-    # and the planner then misreads the checkpoint as pre-2.4; ours are never nested, so turn it off.
-    planner = dcp.DefaultLoadPlanner(flatten_sharded_tensors=False)
-    dcp.load(sd, checkpoint_id=str(path), process_group=optimizer.process_group, planner=planner)
+    sd = {"optimizer": optimizer.state_dict()}  # the template: DCP reshards into its DTensors
+    dcp.load(sd, checkpoint_id=str(path), process_group=optimizer.process_group)
     optimizer.load_state_dict(sd["optimizer"])
