@@ -37,6 +37,7 @@ from muon_opt.newton_schulz import (
     newton_schulz_reference,
 )
 from muon_opt.optimizer import Muon
+from muon_opt.qk_clip import QKClip, max_logits, qk_clip_
 from muon_opt.routing import (
     HEAD_NAMES,
     POSITION_NAMES,
@@ -70,6 +71,7 @@ __all__ = [
     "MatrixSpec",
     "Muon",
     "ParamRoute",
+    "QKClip",
     "ZeroMuon",
     "__version__",
     "adamw_foreach",
@@ -85,6 +87,7 @@ __all__ = [
     "load_checkpoint",
     "logical_shapes",
     "matrix_views",
+    "max_logits",
     "muon_step_reference",
     "muon_update",
     "newton_schulz",
@@ -92,6 +95,7 @@ __all__ = [
     "newton_schulz_reference",
     "param_groups",
     "plan_flat_layout",
+    "qk_clip_",
     "resolve_ns_dtype",
     "route_parameters",
     "save_checkpoint",
