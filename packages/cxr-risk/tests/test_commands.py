@@ -241,7 +241,58 @@ def test_validate_writes_report(site, finetuned, tmp_path):
     assert len(rep["risk_groups"]) == 5 and rep["cutpoint_source"] == "quantiles"
     for png in ("km.png", "calibration.png", "auc.png"):
         assert (out / png).stat().st_size > 1000
-    assert "Harrell's C" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Harrell's C" in text and "horizon 8 years" in text and rep["time_unit"] == "years"
+    names = [s["name"] for s in rep["stratifications"]]
+    assert names == ["validated-cohort quintiles", "CXR-risk", "development quantiles"]
+    assert all(s["available"] for s in rep["stratifications"])
+    side = json.loads((finetuned / "model.json").read_text())
+    assert rep["stratifications"][2]["cutpoints"] == side["risk_cutpoints"]["cutpoints"]
+    assert "## Risk groups: development quantiles" in text
+
+
+def test_finetune_records_time_unit_and_development_cutpoints(site, finetuned):
+    side = json.loads((finetuned / "model.json").read_text())
+    assert side["time_unit"] == "years"
+    rec = side["risk_cutpoints"]
+    n_patients = pd.read_csv(site["dev"])["patient_id"].nunique()
+    assert rec["n_patients"] == n_patients and rec["quantiles"] == [0.2, 0.4, 0.6, 0.8]
+    assert len(rec["cutpoints"]) == 4 and np.all(np.diff(rec["cutpoints"]) > 0)
+
+
+def test_horizon_beyond_follow_up_names_the_flag_and_column(site, finetuned, tmp_path, capsys):
+    longest = pd.read_csv(site["ext"])["time"].max()
+    args = ["--model", finetuned, "--cohort", site["ext"], "--out", tmp_path / "r", "--n-boot", 5]
+    assert run("validate", *args, "--horizon", 50) == 2
+    err = capsys.readouterr().err
+    assert "cxr-risk validate: --horizon 50 years is beyond the longest follow-up in column 'time'" in err
+    assert f"{longest:.4g} years" in err and not (tmp_path / "r").exists()
+    # the same check before training, so that no time is spent on a model whose horizon is unobserved
+    ft = ["finetune", site["dev"], "--out", tmp_path / "ft", "--cache-dir", site["cache"], "--size", 32]
+    assert run(*ft, *BACKBONE, *FAST, "--horizon", 40, "--time-unit", "months") == 2
+    assert "--horizon 40 months is beyond" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+    # a validation cohort in another unit than the model's is refused
+    assert run("validate", *args, "--time-unit", "days") == 2
+    assert "differs from the model's time unit (years)" in capsys.readouterr().err
+
+
+def test_validate_old_checkpoint_without_unit_or_cutpoints(site, finetuned, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finetuned, old)
+    raw = json.loads((old / "model.json").read_text())
+    raw.pop("time_unit"), raw.pop("risk_cutpoints")
+    (old / "model.json").write_text(json.dumps(raw))
+    out = tmp_path / "report"
+    assert run("validate", "--model", old, "--cohort", site["ext"], "--out", out, "--n-boot", 5) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["time_unit"] is None
+    dev = rep["stratifications"][1]
+    assert dev["name"] == "development quantiles" and not dev["available"] and "unavailable" in dev["note"]
+    text = (out / "report.md").read_text()
+    assert "unit not recorded" in text and "re-run finetune" in text
 
 
 def test_explain_writes_overlay(site, finetuned, tmp_path):

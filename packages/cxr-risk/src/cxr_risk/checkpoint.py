@@ -5,7 +5,9 @@ A checkpoint directory holds
 * ``model.safetensors``: the task's state dict (encoder, heads, decoder/projector as trained);
 * ``model.json``: the sidecar: what kind of model, the timm backbone, the survival head, the preprocessing
   contract (:class:`~cxr_risk.PreprocessConfig` as a dict plus its fingerprint), the input size, the label
-  set, the package version, the seed and the training configuration;
+  set, the package version, the seed and the training configuration, the unit of follow-up time and
+  the development cohort's risk-group cut-points (older checkpoints have neither and load with
+  ``time_unit`` and ``risk_cutpoints`` None);
 * ``optimizer.safetensors`` + ``trainer_state.json`` (only while training): what resume needs.
 
 Safetensors keeps checkpoints loadable without unpickling arbitrary code; the JSON keeps them readable.
@@ -25,9 +27,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cohort import check_time_unit
 from .preprocess import PreprocessConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "Sidecar", "load_sidecar", "load_state", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Sidecar",
+    "load_sidecar",
+    "load_state",
+    "save_checkpoint",
+    "store_risk_cutpoints",
+    "update_sidecar",
+]
 
 CHECKPOINT_FORMAT = "cxr-risk-checkpoint/1"
 KINDS = ("risk", "simclr", "moco", "autoencoder", "ssae")
@@ -35,7 +46,13 @@ KINDS = ("risk", "simclr", "moco", "autoencoder", "ssae")
 
 @dataclass
 class Sidecar:
-    """Everything needed to rebuild and correctly feed a model; written as ``model.json``."""
+    """Everything needed to rebuild and correctly feed a model; written as ``model.json``.
+
+    ``time_unit``: what the survival horizon and the cohort's ``time`` are in (one of
+    :data:`cxr_risk.cohort.TIME_UNITS`; None when not recorded). ``risk_cutpoints``: data-driven risk-group
+    cut-points on P(death by horizon) from the development cohort (:func:`store_risk_cutpoints`), None when
+    not recorded.
+    """
 
     kind: str
     backbone: dict[str, Any]
@@ -50,10 +67,13 @@ class Sidecar:
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = CHECKPOINT_FORMAT
     created_utc: str = ""
+    time_unit: str | None = None
+    risk_cutpoints: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Sidecar: kind={self.kind!r} must be one of {KINDS}")
+        check_time_unit(self.time_unit, name="Sidecar: time_unit")
         if self.format != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"Sidecar: format={self.format!r} is not {CHECKPOINT_FORMAT!r}; this checkpoint was written by "
@@ -134,3 +154,44 @@ def load_state(directory: str | Path, device: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} not found")
     return load_file(str(path), device=str(device))
+
+
+def update_sidecar(directory: str | Path, **changes: Any) -> Sidecar:
+    """Rewrite ``model.json`` in ``directory`` with ``changes`` applied (validated); the weights stay."""
+    from dataclasses import replace
+
+    sidecar = replace(load_sidecar(directory), **changes)
+    _atomic_write_bytes(Path(directory) / "model.json", sidecar.to_json().encode())
+    return sidecar
+
+
+#: Quintiles: five groups, as many as the fixed CXR-risk groups (Lu et al. 2019).
+DEVELOPMENT_QUANTILES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+
+
+def store_risk_cutpoints(
+    directory: str | Path, prob: Any, quantiles: tuple[float, ...] = DEVELOPMENT_QUANTILES
+) -> Sidecar:
+    """Store the ``quantiles`` of the development cohort's patient-level P(death by horizon) as cut-points.
+
+    Computed once, at training time, so that a validation report can stratify an external cohort on the
+    development cohort's scale (quantiles of the validated cohort itself would make balanced groups by
+    construction and hide a shift in predicted risk).
+    """
+    import numpy as np
+
+    from .survival import quantile_cutpoints
+
+    p = np.asarray(prob, dtype=np.float64)
+    if p.ndim != 1 or p.size < len(quantiles) + 1 or not np.isfinite(p).all():
+        raise ValueError(
+            f"store_risk_cutpoints: need a 1-D array of at least {len(quantiles) + 1} finite probabilities; "
+            f"got shape {p.shape}"
+        )
+    record = {
+        "source": "development quantiles",
+        "quantiles": [float(q) for q in quantiles],
+        "cutpoints": list(quantile_cutpoints(p, quantiles)),
+        "n_patients": int(p.size),
+    }
+    return update_sidecar(directory, risk_cutpoints=record)

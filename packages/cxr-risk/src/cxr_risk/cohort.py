@@ -37,6 +37,12 @@ DEFAULT_COVARIATES: tuple[str, ...] = ("age", "sex", "smoking")
 LABEL_PREFIX = "label_"
 MAX_LISTED_ERRORS = 20
 
+#: Units a cohort's ``time`` column may be in (stored in checkpoints, printed in reports).
+TIME_UNITS: tuple[str, ...] = ("years", "months", "weeks", "days")
+#: About a century in each unit: no human follow-up is longer, so a median follow-up above it means the
+#: times are in a finer unit than the one declared (days read as years, say).
+PLAUSIBLE_FOLLOW_UP: dict[str, float] = {"years": 100.0, "months": 1200.0, "weeks": 5200.0, "days": 36500.0}
+
 
 class CohortError(ValueError):
     """A cohort table failed validation; ``errors`` lists ``(line, message)`` pairs."""
@@ -241,6 +247,22 @@ class Cohort:
     def events(self) -> np.ndarray | None:
         return self.table["event"].to_numpy(dtype=np.int64) if self.has_survival else None
 
+    def check_horizon(
+        self, horizon: float, time_unit: str | None = None, *, horizon_name: str = "horizon"
+    ) -> list[str]:
+        """:func:`check_horizon` on this cohort's ``time`` column (an error if it has no follow-up)."""
+        if not self.has_survival:
+            raise ValueError(
+                f"cohort {self.source}: no 'time'/'event' columns; {horizon_name} needs follow-up"
+            )
+        return check_horizon(
+            self.table["time"].to_numpy(np.float64),
+            horizon,
+            time_unit,
+            horizon_name=horizon_name,
+            source=self.source,
+        )
+
     def subset(self, rows: np.ndarray | Sequence[int]) -> Cohort:
         """Rows by position (integer array) or boolean mask, as a new cohort."""
         rows = np.asarray(rows)
@@ -286,6 +308,63 @@ class Cohort:
         if not cols:
             return np.zeros((len(self), 0), np.float32)
         return np.stack(cols, axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ time and horizon
+def check_time_unit(unit: str | None, *, name: str = "time_unit") -> str | None:
+    """``unit`` if it is one of :data:`TIME_UNITS` (or None: not recorded), else a ValueError naming ``name``."""
+    if unit is not None and unit not in TIME_UNITS:
+        raise ValueError(f"{name}={unit!r} must be one of {', '.join(TIME_UNITS)}")
+    return unit
+
+
+def check_horizon(
+    time: np.ndarray,
+    horizon: float,
+    time_unit: str | None = None,
+    *,
+    horizon_name: str = "horizon",
+    time_name: str = "time",
+    source: str = "cohort",
+) -> list[str]:
+    """Check that ``horizon`` lies within the follow-up in ``time``; return warnings about the units.
+
+    Error: the horizon is beyond the longest follow-up, so nobody's status at the horizon is observed and
+    every horizon metric (AUC, Brier, calibration, observed mortality) would be an extrapolation. Warnings:
+    the median follow-up is longer than a century in ``time_unit`` (times in days read as years, say), or,
+    with no unit given, the times look like days or months (median > 100) while the horizon looks like
+    years (<= 100). ``horizon_name``/``time_name`` are what the messages call them (a CLI passes its flag
+    and the CSV column).
+    """
+    check_time_unit(time_unit)
+    t = np.asarray(time, dtype=np.float64)
+    if t.size == 0:
+        raise ValueError(f"{source}: no follow-up times in column {time_name!r}")
+    unit = f" {time_unit}" if time_unit else ""
+    longest, median = float(t.max()), float(np.median(t))
+    if not horizon > 0:
+        raise ValueError(f"{horizon_name} {horizon:g} must be > 0 (same unit as column {time_name!r})")
+    if horizon > longest:
+        raise ValueError(
+            f"{horizon_name} {horizon:g}{unit} is beyond the longest follow-up in column {time_name!r} of "
+            f"{source} ({longest:.4g}{unit}): no patient's status at the horizon is observed; choose "
+            f"{horizon_name} <= {longest:.4g}, or check that {time_name!r} is in the same unit as the horizon"
+        )
+    warnings: list[str] = []
+    if time_unit is not None and median > PLAUSIBLE_FOLLOW_UP[time_unit]:
+        finer = [u for u in TIME_UNITS[TIME_UNITS.index(time_unit) + 1 :] if median <= PLAUSIBLE_FOLLOW_UP[u]]
+        warnings.append(
+            f"median follow-up in column {time_name!r} of {source} is {median:.4g} {time_unit}, longer than a "
+            f"century: the times look like {' or '.join(finer) or 'a finer unit'}, not {time_unit}; convert "
+            f"{time_name!r} or give the matching time unit (and {horizon_name} in it)"
+        )
+    elif time_unit is None and median > 100 and horizon <= 100:
+        warnings.append(
+            f"median follow-up in column {time_name!r} of {source} is {median:.4g} while {horizon_name} is "
+            f"{horizon:g}: the times look like days or months while the horizon looks like years; give the "
+            "time unit and a horizon in it"
+        )
+    return warnings
 
 
 # ----------------------------------------------------------------------------------- array kernels

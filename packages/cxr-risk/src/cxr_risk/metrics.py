@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -337,7 +338,10 @@ def calibration_at_horizon(
 # --------------------------------------------------------------------------- Kaplan-Meier and log-rank
 @dataclass
 class KaplanMeier:
-    """Product-limit estimate: S just after each distinct time; ``at(t)`` evaluates the step function."""
+    """Product-limit estimate: S just after each distinct time; ``at(t)`` evaluates the step function.
+
+    ``at_risk``: patients with T >= each time; ``events``: deaths at each time.
+    """
 
     times: np.ndarray
     survival: np.ndarray
@@ -348,6 +352,37 @@ class KaplanMeier:
         idx = np.searchsorted(self.times, np.asarray(t, dtype=np.float64), side="right")
         out = np.concatenate([[1.0], self.survival])[idx]
         return float(out) if np.ndim(out) == 0 else out
+
+    def confidence_band(self, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise ``1 - alpha`` band (lower, upper) at ``times``: Greenwood variance, log(-log) scale.
+
+        Var[log S(t)] ~ sum_{t_j <= t} d_j / (n_j (n_j - d_j)) (Greenwood 1926); on the log(-log S) scale,
+        whose variance is that sum over (log S)^2 (Kalbfleisch & Prentice 2002, sec. 1.4), the band
+        S^exp(+-z sqrt(v) / log S) stays inside [0, 1]. Where S = 1 the band is [1, 1], where S = 0 it is
+        [0, 0]; a step with n_j = d_j adds nothing to the sum. Equals lifelines'
+        ``KaplanMeierFitter.confidence_interval_`` (its "exponential Greenwood" bounds).
+        """
+        if not 0 < alpha < 1:
+            raise ValueError(f"confidence_band: alpha={alpha} must be in (0, 1)")
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        n, d = self.at_risk, self.events
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.cumsum(np.where(n > d, d / (n * (n - d)), 0.0))
+            log_s = np.log(self.survival)
+            log_neg = np.log(-log_s)
+            half = z * np.sqrt(var) / log_s  # negative: log S < 0
+            lower = np.exp(-np.exp(log_neg - half))
+            upper = np.exp(-np.exp(log_neg + half))
+        one = self.survival >= 1.0
+        zero = self.survival <= 0.0
+        lower = np.where(one, 1.0, np.where(zero, 0.0, lower))
+        upper = np.where(one, 1.0, np.where(zero, 0.0, upper))
+        return lower, upper
+
+    def n_at_risk(self, t: float | np.ndarray) -> np.ndarray:
+        """Patients still under observation at each ``t`` (T >= t), as printed under a Kaplan-Meier plot."""
+        idx = np.searchsorted(self.times, np.atleast_1d(np.asarray(t, dtype=np.float64)), side="left")
+        return np.concatenate([self.at_risk, [0.0]])[idx].astype(np.int64)
 
 
 def kaplan_meier(time: np.ndarray, event: np.ndarray) -> KaplanMeier:

