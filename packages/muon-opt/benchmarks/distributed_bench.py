@@ -15,7 +15,7 @@ parameter shapes with fixed synthetic gradients:
   reduce-scatter, ``2 (W-1)/W * 4N`` bytes, are added to its count, though they run outside the timed step).
 
 Bytes are what one rank sends per step under the bandwidth-optimal cost model of
-:mod:`muon_opt.distributed_comm` (the optimizers count their own collectives; the DDP all-reduce and
+:mod:`muon_opt.distributed.comm` (the optimizers count their own collectives; the DDP all-reduce and
 ZeroRedundancyOptimizer's broadcasts are counted here by the same model). Step times are the optimizer step
 plus the gradient collective it needs, interleaved, median over repeats, measured on rank 0 between barriers.
 A 2-core CPU running 4 processes is heavily oversubscribed: read the times as ratios within one W.
@@ -132,7 +132,7 @@ def _measure(rank: int, W: int, pg: Any, cfg: dict[str, Any]) -> list[dict[str, 
 
     from muon_opt import Muon
     from muon_opt.distributed import DDPMuon, FSDPMuon, ZeroMuon
-    from muon_opt.distributed_comm import collective_bytes
+    from muon_opt.distributed.comm import collective_bytes
 
     torch.manual_seed(0)
 

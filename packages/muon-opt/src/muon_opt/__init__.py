@@ -16,8 +16,8 @@ from muon_opt.distributed import (
     load_checkpoint,
     save_checkpoint,
 )
-from muon_opt.distributed_comm import CommCounter, collective_bytes
-from muon_opt.distributed_layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
+from muon_opt.distributed.comm import CommCounter, collective_bytes
+from muon_opt.distributed.layout import FlatLayout, balance_ownership, newton_schulz_flops, plan_flat_layout
 from muon_opt.matrix_view import (
     MatrixSpec,
     describe_matrices,

@@ -15,6 +15,7 @@ canonical rows is one ``all_to_all_single`` for all parameters at once. The dict
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,9 +23,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from muon_opt.distributed import _DistributedMuon, _Param
+    from muon_opt.distributed.base import _DistributedMuon, _Param
 
-__all__ = ["canonical_range", "load_state_dict", "state_dict"]
+__all__ = ["canonical_range", "load_checkpoint", "load_state_dict", "save_checkpoint", "state_dict"]
 
 Range = tuple[int, int]  # (start, length) in a parameter's flattened elements
 
@@ -274,3 +275,21 @@ def load_state_dict(opt: _DistributedMuon, sd: dict[str, Any]) -> None:
                     f"parameter {x.shape}"
                 )
             opt.state[x.param][k].view(-1).copy_(src.reshape(-1)[held[0] : held[0] + held[1]])
+
+
+def save_checkpoint(optimizer: _DistributedMuon, path: str | Path) -> None:
+    """Save ``optimizer.state_dict()`` with ``torch.distributed.checkpoint`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(
+        {"optimizer": optimizer.state_dict()}, checkpoint_id=str(path), process_group=optimizer.process_group
+    )
+
+
+def load_checkpoint(optimizer: _DistributedMuon, path: str | Path) -> None:
+    """Load a checkpoint written by :func:`save_checkpoint` at any world size, into any tier (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"optimizer": optimizer.state_dict()}  # the template: DCP reshards into its DTensors
+    dcp.load(sd, checkpoint_id=str(path), process_group=optimizer.process_group)
+    optimizer.load_state_dict(sd["optimizer"])
