@@ -145,18 +145,28 @@ def newton_schulz(
     coefficients: Coefficients | Sequence[Coefficients] = DEFAULT_NS_COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    *,
+    overwrite_input: bool = False,
 ) -> Tensor:
     """Batched Newton-Schulz orthogonalisation (the fast path of :func:`newton_schulz_reference`).
 
     Same arguments and result as the reference, but all matrices of ``G``'s leading dims go through one
     batched matmul chain (``baddbmm`` fuses the polynomial's additions into the products), which is what
     lets the optimizer stack same-shape parameters and orthogonalise them in one call. Never modifies
-    ``G`` and never returns a view of it.
+    ``G`` and never returns a view of it, unless ``overwrite_input=True``.
+
+    ``overwrite_input=True`` (for callers that own ``G`` and do not need it afterwards) uses ``G``'s memory
+    as one of the two iterates when ``G`` is contiguous and already in the compute dtype: the step then
+    allocates one matrix-sized buffer (plus the small Gram matrices) instead of two, and the result may
+    live in ``G``'s storage. Tall matrices use the right-hand form ``a X + X p(X^T X)`` instead of
+    transposing, which is the same polynomial (``p(X X^T) X = X p(X^T X)``) rounded differently.
     """
     _check_input(G, "newton_schulz")
     coeffs = _per_step_coefficients(steps, coefficients)
     compute_dtype = G.dtype if dtype is None else dtype
     rows, cols = G.shape[-2], G.shape[-1]
+    if overwrite_input and G.dtype == compute_dtype and G.is_contiguous():
+        return _newton_schulz_in_place(G.view(-1, rows, cols), coeffs, eps).view(G.shape)
     X = G.reshape(-1, rows, cols)
     transposed = rows > cols
     if transposed:
@@ -170,3 +180,25 @@ def newton_schulz(
     if transposed:
         X = X.mT
     return X.to(G.dtype).reshape(G.shape)
+
+
+def _newton_schulz_in_place(X: Tensor, coeffs: list[Coefficients], eps: float) -> Tensor:
+    """The iteration on a contiguous ``[n, rows, cols]`` ``X`` that may be overwritten: normalised in place,
+    then ping-pong between ``X`` and one new buffer; the Gram matrix is the small side's."""
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    _, exponent = torch.frexp(amax)
+    scale = torch.ldexp(torch.ones_like(amax), exponent - 1)
+    X.div_(scale)  # exact (a power of two), as in _normalise
+    X.div_(torch.linalg.matrix_norm(X, ord="fro", keepdim=True) + eps / scale)
+    Y = torch.empty_like(X)
+    tall = X.shape[-2] > X.shape[-1]
+    for a, b, c in coeffs:
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+        if tall:
+            torch.baddbmm(X, X, B, beta=a, alpha=1.0, out=Y)  # a X + X B
+        else:
+            torch.baddbmm(X, B, X, beta=a, alpha=1.0, out=Y)  # a X + B X
+        X, Y = Y, X
+        del A, B  # before the next step's Gram matrix is allocated
+    return X

@@ -569,7 +569,7 @@ class Muon(torch.optim.Optimizer):
         del inputs
         # 3. One batched Newton-Schulz call, scaled per logical matrix (Moonlight's 0.2 sqrt(max(A, B))).
         steps, coeffs, eps = key.ns
-        ortho = newton_schulz(stack, steps, coeffs, eps, dtype=key.ns_dtype)
+        ortho = newton_schulz(stack, steps, coeffs, eps, dtype=key.ns_dtype, overwrite_input=True)  # ours
         del stack
         ortho.mul_(update_scale(key.rows, key.cols, key.adjust_lr))
         updates = _stack_views(ortho, chunk, counts)
@@ -606,8 +606,13 @@ class Muon(torch.optim.Optimizer):
         dtype = resolve_ns_dtype(group["ns_dtype"], p.device, u.dtype)
         pieces = []
         for mats in to_matrix_groups(u, spec):
-            ortho = newton_schulz(
-                mats, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype=dtype
+            ortho = newton_schulz(  # u is muon_update's fresh tensor: its memory may be reused
+                mats,
+                group["ns_steps"],
+                group["ns_coefficients"],
+                group["eps"],
+                dtype=dtype,
+                overwrite_input=True,
             )
             pieces.append(ortho.mul_(update_scale(mats.shape[-2], mats.shape[-1], group["adjust_lr"])))
         scaled = from_matrix_groups(pieces, p.shape, spec)

@@ -148,7 +148,7 @@ class _DistributedMuon(Muon):
     def _orthogonalise_into(
         self, updates: dict[int, Tensor], consume: Callable[[int, Tensor], None], cap_bytes: int | None
     ) -> None:
-        """``consume(i, scale * NS(U_i))`` for whole-shape updates. Same-shape matrices are stacked into
+        """``consume(i, scale * NS(U_i))`` for whole-shape updates, overwriting ``U_i``. Same-shape matrices are stacked into
         batched NS calls of at most ``cap_bytes`` (``None``: one call per shape; a larger matrix goes
         alone), and each call's results are consumed before the next call runs, so only one chunk's
         transients are alive at a time."""
@@ -169,8 +169,13 @@ class _DistributedMuon(Muon):
                 for k in range(len(per[0])):
                     stacked = torch.cat([m[k] for m in per]) if len(idx) > 1 else per[0][k]
                     rows, cols = stacked.shape[-2:]
-                    ortho = newton_schulz(
-                        stacked, g["ns_steps"], g["ns_coefficients"], g["eps"], dtype=ns_dtype
+                    ortho = newton_schulz(  # every tier hands over updates it owns and does not read again
+                        stacked,
+                        g["ns_steps"],
+                        g["ns_coefficients"],
+                        g["eps"],
+                        dtype=ns_dtype,
+                        overwrite_input=True,
                     )
                     ortho.mul_(update_scale(rows, cols, g["adjust_lr"]))  # a fresh tensor: never the input
                     for n, part in enumerate(ortho.split([m[k].shape[0] for m in per])):

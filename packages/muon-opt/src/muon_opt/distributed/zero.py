@@ -29,9 +29,11 @@ class ZeroMuon(_DistributedMuon):
     output share one buffer of ``comm_bucket_bytes`` (default a fifth of a shard's bytes, at least 64 KiB:
     ``5 W`` reduce-scatters and all-gathers a step; raise it on large clusters where per-call latency
     dominates), the Nesterov input is formed in place in the gradient shard, and Newton-Schulz runs in
-    chunks of ``bucket_bytes`` (default a twentieth of this rank's Muon bytes, at least its largest matrix)
+    chunks of ``bucket_bytes`` (default a twentieth of this rank's Muon bytes or a quarter of its largest
+    matrix, whichever is larger; a lone matrix is orthogonalised in place in the gradient shard)
     whose updates go into the parameters before the next chunk. Per-rank step transient: about
-    ``1.2 x model bytes / W`` plus a few Newton-Schulz chunks.
+    ``1.2 x model bytes / W`` plus the Newton-Schulz workspace of its largest matrix (one more
+    matrix-sized buffer and the Gram matrices), and on a rank that gathers a straddling matrix, that matrix.
     """
 
     tier = "zero1"
@@ -90,13 +92,14 @@ class ZeroMuon(_DistributedMuon):
         bucket_elems = max(1, min(self.layout.shard_size, total // (elt * self.world_size)))
         self.comm_bucket_bytes = bucket_elems * elt * self.world_size
         self._bucket_plan = self._plan_buckets(bucket_elems)
-        # Newton-Schulz chunks: bucket_bytes if given, else a twentieth of this rank's Muon bytes, at least
-        # its largest matrix, at most 256 MiB: a chunk's workspace (about 4x its bytes) stays near
-        # 0.2x model / W plus 4 largest matrices.
+        # Newton-Schulz chunks: bucket_bytes if given, else a twentieth of this rank's Muon bytes or a quarter
+        # of its largest matrix, whichever is larger (at most 256 MiB). A lone matrix is orthogonalised in
+        # place in the gradient shard (one more matrix-sized buffer and the Gram matrices); a stack costs
+        # about 4x its bytes for square matrices, so stacks stay under the largest matrix.
         local_muon = [x for x in self._infos if x.muon and self.layout.held(x.index, me) is not None]
         largest = max((x.numel * elt for x in local_muon), default=0)
         local_bytes = sum(self.layout.held(x.index, me)[1] for x in local_muon) * elt  # type: ignore[index]
-        self._ns_cap = self.bucket_bytes or min(max(local_bytes // 20, largest, 1), 1 << 28)
+        self._ns_cap = self.bucket_bytes or min(max(local_bytes // 20, largest // 4, 1), 1 << 28)
 
     def _state_like(self, info: _Param) -> Tensor | None:
         held = self.layout.held(info.index, self.rank)
@@ -145,12 +148,23 @@ class ZeroMuon(_DistributedMuon):
             plan.append((begin, length, segments))
         return plan
 
+    def _nesterov_in_place(self, x: _Param, gshard: Tensor) -> Tensor:
+        """``M <- mu M + G``; the matrix to orthogonalise (``G + mu M``, or ``M``) overwrites ``G`` in the
+        gradient shard (the same arithmetic as :func:`muon_opt.muon.muon_update`, without its copy)."""
+        g, buf, grp = gshard[self._local(x.index)], self.state[x.param]["momentum_buffer"], x.group
+        buf.mul_(grp["momentum"]).add_(g)
+        if grp["nesterov"]:
+            g.add_(buf, alpha=grp["momentum"])
+        else:
+            g.copy_(buf)
+        return g
+
     def _step(self) -> None:
         """Algorithm 1 with bounded transients: the reduce-scatter input and the all-gather output share one
         bucket buffer of ``comm_bucket_bytes`` (the flat layout is never materialised whole), the Nesterov
         input is formed in place in the gradient shard, and each Newton-Schulz chunk's update goes into the
         parameter before the next chunk runs. Per-rank transient: the gradient shard (model / W), the
-        bucket, and a few Newton-Schulz chunks (at least the largest matrix)."""
+        bucket, and one Newton-Schulz chunk's workspace."""
         W, S, pg, me = self.world_size, self.layout.shard_size, self.process_group, self.rank
         infos = self._infos
         if not infos:
@@ -183,7 +197,7 @@ class ZeroMuon(_DistributedMuon):
         has_grad = [v > 0 for v in stats[:-1].tolist()]
         skip, scale = self._clip_factor(
             stats[-1],
-            lambda: [x.index for x in mine if not bool(torch.isfinite(gshard[self._local(x.index)]).all())],
+            lambda: [x.index for x in mine if not bool(torch.isfinite(gshard[self._local(x.index)]).all())],  # noqa: F821
             reduce_flags=True,
             dtype=p0.dtype,
         )
@@ -197,16 +211,7 @@ class ZeroMuon(_DistributedMuon):
             return x.param.detach().reshape(-1)[start : start + length]
 
         # M <- mu M + G; the matrix to orthogonalise (G + mu M, or M) overwrites the gradient in the shard
-        pieces: dict[int, Tensor] = {}
-        for x in mine:
-            if x.muon and has_grad[x.index]:
-                g, buf, grp = gshard[self._local(x.index)], self.state[x.param]["momentum_buffer"], x.group
-                buf.mul_(grp["momentum"]).add_(g)
-                if grp["nesterov"]:
-                    g.add_(buf, alpha=grp["momentum"])
-                else:
-                    g.copy_(buf)
-                pieces[x.index] = g
+        pieces = {x.index: self._nesterov_in_place(x, gshard) for x in mine if x.muon and has_grad[x.index]}
 
         work = None
         if self._has_straddlers:
@@ -246,23 +251,31 @@ class ZeroMuon(_DistributedMuon):
                     n = self.layout.held(s, d)[1]  # type: ignore[index]
                     received[(s, d)] = recv[pos : pos + n]
                     pos += n
-            for s in sorted(strad):  # one straddler at a time: its whole matrix is alive only for its NS
-                if s not in pieces:
-                    continue
+            todo = [s for s in sorted(strad) if s in pieces]
+            for n_done, s in enumerate(
+                todo, 1
+            ):  # one straddler at a time: its whole matrix is alive only for its NS
                 parts = [
                     self._comm(pieces[s]) if d == me else received[(s, d)]
                     for d in self.layout.ranks_touching(s)
                 ]
                 full = torch.cat(parts).to(p0.dtype).view(infos[s].shape)
+                del parts
+                if n_done == len(todo):  # the last one: the received pieces are all in `full` now
+                    received.clear()
+                    del recv
                 self._orthogonalise_into({s: full}, apply, self._ns_cap)
-            del recv, received
+                del full
+            if not todo:
+                del recv
+            del received
         for x in infos:
             if not x.muon and has_grad[x.index]:
                 self._steps[x.index] += 1
         for x in mine:
             if not x.muon and has_grad[x.index]:
                 self._adamw(x, local_param(x), gshard[self._local(x.index)])
-        del pieces
+        del pieces, whole, gshard  # the gradient shard is spent: the all-gather phase needs only the bucket
 
         # All-gather the updated shards bucket by bucket through the same buffer, straight back into the
         # parameters (each rank's own piece is already in place).
@@ -278,6 +291,7 @@ class ZeroMuon(_DistributedMuon):
             send_piece = mine_in.clone()  # an input aliasing the output is not safe on every backend
             self.comm.record("all_gather/params", "all_gather", buf.numel() * buf.element_size())
             dist.all_gather_into_tensor(buf, send_piece, group=pg)
+            del send_piece
             for i, po, bo, n in segments:
                 if has_grad[i] and not (me * length <= bo < (me + 1) * length):
                     infos[i].param.detach().view(-1)[po : po + n].copy_(buf[bo : bo + n])
