@@ -129,9 +129,13 @@ def test_cli_preprocess_skips_malformed_header(tmp_path: Path, capsys: pytest.Ca
     assert cli.main([*args, "--report", str(report)]) == 0
     captured = capsys.readouterr()
     assert f"{n - 1}/{n} images" in captured.out and "1 skipped" in captured.out
-    assert f"row {n - 1}: malformed header: NumberOfFrames='1A'" in captured.err
+    # named by its CSV line (the last), not by its row in the cohort left after the index-date exclusions
+    line = len(pd.read_csv(csv)) + 1
+    assert line > n + 1
+    assert f"line {line}: frames.dcm: malformed header: NumberOfFrames='1A'" in captured.err
     rep = pd.read_csv(report)
     assert rep["error"].notna().tolist() == [False] * (n - 1) + [True]
+    assert rep[["csv_line", "file"]].iloc[-1].tolist() == [line, "frames.dcm"]
 
 
 def test_cli_preprocess_skips_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

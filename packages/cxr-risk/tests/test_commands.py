@@ -191,7 +191,17 @@ def test_predict_reload_gives_identical_risks(site, finetuned, tmp_path):
     model, side = load_risk_model(finetuned)
     direct = predict_cohort(model, side, Cohort.read(site["ext"], check_files=False), site["cache"])
     assert np.allclose(pa["risk"].to_numpy(), direct["risk"].to_numpy(), rtol=0, atol=1e-6)
-    assert set(pa.columns) == {"row", "risk", "prob", "group", "time", "event"}  # no patient identifiers
+    # keys to join back (CSV line, path), never patient identifiers; both risk-group scales
+    assert set(pa.columns) == {
+        "path",
+        "csv_line",
+        "risk",
+        "prob",
+        "group",
+        "group_development",
+        "time",
+        "event",
+    }
     assert pa["prob"].between(0, 1).all() and pa["group"].between(0, 4).all()
     # the same images given as files give the same risks as through the cohort and its cache
     cohort = Cohort.read(site["ext"], check_files=False)
@@ -204,7 +214,7 @@ def test_predict_reload_gives_identical_risks(site, finetuned, tmp_path):
 
 def test_predict_refuses_other_preprocessing(site, finetuned, tmp_path, capsys):
     assert run("predict", site["ext"], "--model", finetuned, "--out", tmp_path / "x.csv", "--size", 64) == 2
-    assert "size=" in capsys.readouterr().err
+    assert "--size [64, 64] (model needs [32, 32])" in capsys.readouterr().err
 
 
 def test_validate_writes_report(site, finetuned, tmp_path):

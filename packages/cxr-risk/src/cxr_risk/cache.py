@@ -156,6 +156,7 @@ class CachedImageDataset(Dataset):
         self.labels, self.label_mask = cohort.label_matrix(uncertain)  # type: ignore[arg-type]
         self.covariates = cohort.covariate_matrix()
         self.paths = cohort.paths
+        self.read_errors: dict[int, Any] = {}  # filled by warm()
         self.patient_codes = np.unique(cohort.patient_ids.astype(str), return_inverse=True)[1]
         if cohort.has_survival:
             self.time = cohort.table["time"].to_numpy(np.float32)
@@ -186,15 +187,23 @@ class CachedImageDataset(Dataset):
         }
 
     def warm(self, progress: Callable[[int, int], None] | None = None) -> list[tuple[int, str]]:
-        """Decode every uncached row now; returns ``(row, error message)`` for rows that failed."""
+        """Decode every uncached row now; returns ``(row, error message)`` for rows that failed.
+
+        The errors themselves, with the cohort's CSV line (:attr:`ImageReadError.line`), are kept in
+        :attr:`read_errors` (row -> error) for reports (:meth:`ImageReadError.to_dict`).
+        """
         from .qc import ImageReadError
 
         failures: list[tuple[int, str]] = []
+        self.read_errors: dict[int, ImageReadError] = {}
+        lines = self.cohort.lines
         for i, path in enumerate(self.paths):
             try:
                 if self.cache.lookup(path) is None:
                     self.cache.get(path)
             except ImageReadError as err:
+                err = err.with_line(int(lines[i]))
+                self.read_errors[i] = err
                 failures.append((i, str(err)))
             if progress is not None:
                 progress(i + 1, len(self.paths))

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,11 +83,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    import warnings
+
     from .synth import make_cohort
 
-    csv = make_cohort(
-        args.out_dir, n=args.n, seed=args.seed, shift=args.shift, size=args.image_size, copies=args.copies
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        csv = make_cohort(
+            args.out_dir, n=args.n, seed=args.seed, shift=args.shift, size=args.image_size, copies=args.copies
+        )
+    for w in caught:
+        print(f"note: {cli_message(str(w.message), 'synth')}", file=sys.stderr)
     print(f"wrote {args.n} images and {csv}")
     return 0
 
@@ -101,16 +108,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     cohort = Cohort.read(args.cohort, check_files=False)
     dataset = CachedImageDataset(cohort, config, args.cache_dir)
     failures = dataset.warm()
-    failed = dict(failures)
+    lines = cohort.lines
     rows = []
     for i, path in enumerate(dataset.paths):
-        key = dataset.cache.lookup(path) if i not in failed else None
-        rec: dict[str, Any] = {"row": i}
+        key = dataset.cache.lookup(path) if i not in dataset.read_errors else None
+        rec: dict[str, Any] = {"row": i, "csv_line": int(lines[i]), "file": Path(path).name}
         if key is not None:
             rec.update(dataset.cache.load_qc(key).to_dict(include_path=False))
             rec["warnings"] = "; ".join(rec["warnings"])
         else:
-            rec["error"] = failed[i].split(": ", 1)[-1]
+            err = dataset.read_errors[i].to_dict()
+            rec.update(error=err["error"], reason=err["reason"])
         rows.append(rec)
     report = Path(args.report) if args.report else dataset.cache.root / "report.csv"
     pd.DataFrame(rows).to_csv(report, index=False)
@@ -118,12 +126,62 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         f"cached {len(cohort) - len(failures)}/{len(cohort)} images in {dataset.cache.root} "
         f"(config {config.fingerprint()}); {len(failures)} skipped; report: {report}"
     )
-    for row, message in failures:
-        print(f"  row {row}: {message.split(': ', 1)[-1]}", file=sys.stderr)
+    for row, _ in failures:
+        err = dataset.read_errors[row]
+        print(f"  line {err.line}: {Path(err.path).name}: {err.reason}", file=sys.stderr)
     return 1 if failures and args.strict else 0
 
 
 DATA_COMMANDS = ("inspect", "synth", "preprocess")
+
+#: Library keyword arguments and config fields -> the flags that set them, so that an error raised by the
+#: Python API reads as CLI on the command line (``--batch-size 0 must be >= 1``, not ``batch_size=0``).
+FLAGS: dict[str, str] = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "grad_accum": "--grad-accum",
+    "num_workers": "--workers",
+    "amp": "--amp",
+    "kind": "--head",
+    "horizon": "--horizon",
+    "t_max": "--t-max",
+    "n_intervals": "--intervals",
+    "censored": "--censored",
+    "size": "--size",
+    "fit": "--fit",
+    "mm_per_pixel": "--mm-per-pixel",
+    "allowed_views": "--views",
+    "voi": "--voi",
+    "method": "--method",
+    "init": "--init",
+    "time_unit": "--time-unit",
+    "followup_cohort": "--followup-cohort",
+    "freeze_encoder": "--freeze-encoder",
+}
+COMMAND_FLAGS: dict[str, dict[str, str]] = {
+    "synth": {"n": "--n", "seed": "--seed", "shift": "--shift", "size": "--image-size"},
+}
+# "TrainConfig: ", "make_cohort: " ...: the command already says where the error came from.
+_API_PREFIX = re.compile(r"^(?:[A-Z]\w*(?:Config)?(?:\.\w+)?|make_cohort|pretrain|finetune|predict): ")
+
+
+def cli_message(message: str, command: str | None = None) -> str:
+    """``message`` with the API's ``name=value`` spelled as the flag (``--name value``) that sets it."""
+    flags = {**FLAGS, **COMMAND_FLAGS.get(command or "", {})}
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def assignment(m: re.Match[str]) -> str:
+        value = m.group(2)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        return f"{flags[m.group(1)]} {value}"
+
+    out = _API_PREFIX.sub("", message)
+    out = re.sub(rf"(?<![\w.-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", assignment, out)
+    # bare snake_case names (never plain words such as "size" or "method", which are prose too)
+    bare = "|".join(re.escape(k) for k in flags if "_" in k)
+    return re.sub(rf"(?<![\w.-])({bare})(?![\w=])", lambda m: flags[m.group(1)], out)
 
 
 def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
@@ -171,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
-        print(f"cxr-risk {args.command}: {err}", file=sys.stderr)
+        print(f"cxr-risk {args.command}: {cli_message(str(err), args.command)}", file=sys.stderr)
         return 2
 
 

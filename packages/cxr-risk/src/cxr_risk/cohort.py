@@ -12,7 +12,12 @@ covariates         ``age``, ``sex``, ``smoking`` or any listed in ``covariate_co
 ``study_date``     date the image was taken (optional)
 ``index_date``     start of follow-up for the patient (optional); images taken after it are
                    dropped, because a model may not see the future it is asked to predict
+``pseudonym``      a pseudonymous patient code (optional); unlike ``patient_id`` it is copied
+                   into prediction and exclusion files, so they can be joined back
 =================  =====================================================================
+
+The table gains ``csv_line``: each row's line in the source file (header = line 1), kept through
+exclusions and subsets, so outputs name rows the way the user's CSV does.
 
 ``time``/``event`` may both be absent (pretraining sets such as CheXpert); labels may be absent.
 
@@ -35,6 +40,11 @@ import pandas as pd
 
 DEFAULT_COVARIATES: tuple[str, ...] = ("age", "sex", "smoking")
 LABEL_PREFIX = "label_"
+#: Column a cohort's table gains: each row's line in the source CSV (header = line 1; a frame's row + 2), so
+#: that outputs (predictions, QC and exclusion reports) can be joined back to the table the user gave.
+LINE_COLUMN = "csv_line"
+#: Optional column with a pseudonymous patient code that outputs may carry (``patient_id`` never is).
+PSEUDONYM_COLUMN = "pseudonym"
 MAX_LISTED_ERRORS = 20
 
 #: Units a cohort's ``time`` column may be in (stored in checkpoints, printed in reports).
@@ -42,6 +52,16 @@ TIME_UNITS: tuple[str, ...] = ("years", "months", "weeks", "days")
 #: About a century in each unit: no human follow-up is longer, so a median follow-up above it means the
 #: times are in a finer unit than the one declared (days read as years, say).
 PLAUSIBLE_FOLLOW_UP: dict[str, float] = {"years": 100.0, "months": 1200.0, "weeks": 5200.0, "days": 36500.0}
+
+
+_COLUMN_MEANINGS = {"path": "the image file", "patient_id": "the patient identifier"}
+
+
+def _missing_column_message(column: str) -> str:
+    return (
+        f"missing column {column!r} ({_COLUMN_MEANINGS[column]}): name that column {column!r} in the CSV "
+        f"header (in Python, or map it: Cohort.from_csv(..., columns={{'yours': {column!r}}}))"
+    )
 
 
 class CohortError(ValueError):
@@ -92,12 +112,22 @@ class Cohort:
             check_files: report rows whose image file does not exist.
         """
         df = frame.rename(columns=columns or {}).reset_index(drop=True).copy()
-        # CSV line of each row (header is line 1) for error messages.
-        df["_line"] = np.arange(len(df)) + 2
+        if LINE_COLUMN in df.columns:
+            raise CohortError(
+                source,
+                [
+                    (
+                        None,
+                        f"column {LINE_COLUMN!r} is reserved (cxr-risk adds each row's CSV line); rename it",
+                    )
+                ],
+            )
+        # CSV line of each row (header is line 1): for error messages, and kept so outputs can join back.
+        df[LINE_COLUMN] = np.arange(len(df)) + 2
         errors: list[tuple[int | None, str]] = []
         for required in ("path", "patient_id"):
             if required not in df.columns:
-                errors.append((None, f"missing column {required!r} (map yours with columns={{...}})"))
+                errors.append((None, _missing_column_message(required)))
         has_time, has_event = "time" in df.columns, "event" in df.columns
         if has_time != has_event:
             errors.append((None, "'time' and 'event' must both be present or both absent"))
@@ -123,7 +153,7 @@ class Cohort:
         base = Path(root) if root is not None else Path.cwd()
         raw_paths = df["path"]
         bad_path = raw_paths.isna() | (raw_paths.astype(str).str.strip() == "")
-        for line in df.loc[bad_path, "_line"]:
+        for line in df.loc[bad_path, LINE_COLUMN]:
             errors.append((int(line), "empty image path"))
         resolved = [
             str(p if (p := Path(str(v))).is_absolute() else (base / p)) if not bad else ""
@@ -131,34 +161,34 @@ class Cohort:
         ]
         df["path"] = resolved
         dup = df["path"].duplicated(keep="first") & ~bad_path
-        for line, path in zip(df.loc[dup, "_line"], df.loc[dup, "path"], strict=True):
-            first = int(df.loc[(df["path"] == path) & ~dup, "_line"].iloc[0])
+        for line, path in zip(df.loc[dup, LINE_COLUMN], df.loc[dup, "path"], strict=True):
+            first = int(df.loc[(df["path"] == path) & ~dup, LINE_COLUMN].iloc[0])
             errors.append((int(line), f"duplicate image (same file as line {first})"))
         if check_files:
-            for line, path, bad in zip(df["_line"], df["path"], bad_path, strict=True):
+            for line, path, bad in zip(df[LINE_COLUMN], df["path"], bad_path, strict=True):
                 if not bad and not Path(path).is_file():
                     errors.append((int(line), f"image file not found: {path}"))
 
         pid_missing = df["patient_id"].isna() | (df["patient_id"].astype(str).str.strip() == "")
-        for line in df.loc[pid_missing, "_line"]:
+        for line in df.loc[pid_missing, LINE_COLUMN]:
             errors.append((int(line), "empty patient_id"))
         df["patient_id"] = df["patient_id"].astype(str)
 
         if has_time:
             time = pd.to_numeric(df["time"], errors="coerce")
-            for line, raw, t in zip(df["_line"], df["time"], time, strict=True):
+            for line, raw, t in zip(df[LINE_COLUMN], df["time"], time, strict=True):
                 if pd.isna(t):
                     errors.append((int(line), f"follow-up time {raw!r} is not a number"))
                 elif t < 0:
                     errors.append((int(line), f"negative follow-up time {t}"))
             event = pd.to_numeric(df["event"], errors="coerce")
-            for line, raw, e in zip(df["_line"], df["event"], event, strict=True):
+            for line, raw, e in zip(df[LINE_COLUMN], df["event"], event, strict=True):
                 if pd.isna(e) or e not in (0, 1):
                     errors.append((int(line), f"event {raw!r} is not 0 or 1"))
             df["time"], df["event"] = time.astype(float), event
             per_patient = df.groupby("patient_id")[["time", "event"]].nunique()
             for pid in per_patient.index[(per_patient > 1).any(axis=1)]:
-                line = int(df.loc[df["patient_id"] == pid, "_line"].iloc[0])
+                line = int(df.loc[df["patient_id"] == pid, LINE_COLUMN].iloc[0])
                 errors.append((line, "rows of one patient disagree on time/event (follow-up is per patient)"))
 
         for col in labels:
@@ -166,7 +196,7 @@ class Cohort:
             bad = (values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")) | ~(
                 values.isna() | values.isin((-1, 0, 1))
             )
-            for line, raw in zip(df.loc[bad, "_line"], df.loc[bad, col], strict=True):
+            for line, raw in zip(df.loc[bad, LINE_COLUMN], df.loc[bad, col], strict=True):
                 errors.append((int(line), f"label {col}={raw!r} is not 1, 0, -1 (uncertain) or empty"))
             df[col] = values.astype(float)
 
@@ -175,7 +205,9 @@ class Cohort:
             dates = {}
             for col in ("study_date", "index_date"):
                 parsed = pd.to_datetime(df[col], errors="coerce", format="mixed")
-                for line, raw in zip(df.loc[parsed.isna(), "_line"], df.loc[parsed.isna(), col], strict=True):
+                for line, raw in zip(
+                    df.loc[parsed.isna(), LINE_COLUMN], df.loc[parsed.isna(), col], strict=True
+                ):
                     errors.append((int(line), f"{col} {raw!r} is not a date"))
                 dates[col] = parsed
             df["study_date"], df["index_date"] = dates["study_date"], dates["index_date"]
@@ -191,10 +223,10 @@ class Cohort:
         if has_time:
             df["event"] = df["event"].astype(int)
         return cls(
-            table=df.drop(columns="_line").reset_index(drop=True),
+            table=df.reset_index(drop=True),
             label_columns=labels,
             covariate_columns=covariates,
-            excluded=excluded.drop(columns="_line") if len(excluded) else excluded,
+            excluded=excluded.reset_index(drop=True),
             source=source,
         )
 
@@ -246,6 +278,53 @@ class Cohort:
     @property
     def events(self) -> np.ndarray | None:
         return self.table["event"].to_numpy(dtype=np.int64) if self.has_survival else None
+
+    @property
+    def lines(self) -> np.ndarray:
+        """Each row's line in the source CSV (header = line 1); a cohort built without one: row + 2."""
+        if LINE_COLUMN in self.table.columns:
+            return self.table[LINE_COLUMN].to_numpy(np.int64)
+        return np.arange(len(self), dtype=np.int64) + 2
+
+    def key_columns(self, table: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The columns that join an output back to the user's table: ``csv_line``, ``path`` and
+        ``pseudonym`` when the cohort has one (never ``patient_id``); of ``table`` (default: this cohort's)."""
+        table = self.table if table is None else table
+        keys = pd.DataFrame(
+            {
+                LINE_COLUMN: table[LINE_COLUMN].to_numpy(np.int64)
+                if LINE_COLUMN in table.columns
+                else np.arange(len(table), dtype=np.int64) + 2,
+                "path": table["path"].to_numpy() if "path" in table.columns else "",
+            }
+        )
+        if PSEUDONYM_COLUMN in table.columns:
+            keys[PSEUDONYM_COLUMN] = table[PSEUDONYM_COLUMN].to_numpy()
+        return keys
+
+    def check_events(self, *, what: str = "training") -> None:
+        """Raise a ValueError (naming the CSV columns) unless the cohort has usable follow-up: at least one
+        finite, positive follow-up time and at least one observed event. A survival loss, a Breslow baseline
+        and a C-index are all undefined without an event, so this is checked before any training starts."""
+        if not self.has_survival:
+            raise ValueError(
+                f"cohort {self.source}: no 'time' and 'event' columns; {what} needs follow-up (add both "
+                "columns: 'time' = follow-up from the index date, 'event' = 1 death observed, 0 censored)"
+            )
+        time = self.table["time"].to_numpy(np.float64)
+        event = self.table["event"].to_numpy(np.int64)
+        usable = np.isfinite(time) & (time > 0)
+        if len(self) == 0 or not usable.any():
+            raise ValueError(
+                f"cohort {self.source}: no usable follow-up: column 'time' is 0 or empty in all {len(self)} "
+                f"rows; {what} needs follow-up times > 0 (time from the index date to death or censoring)"
+            )
+        if not (event[usable] == 1).any():
+            raise ValueError(
+                f"cohort {self.source}: no events: column 'event' is 0 (censored) in all {len(self)} rows "
+                f"with follow-up; {what} needs at least one observed death (event = 1); check that 'event' "
+                "is coded 1 = death observed, 0 = censored"
+            )
 
     def check_horizon(
         self, horizon: float, time_unit: str | None = None, *, horizon_name: str = "horizon"

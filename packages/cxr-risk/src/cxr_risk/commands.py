@@ -119,30 +119,18 @@ def _check_horizon(cohort: Any, horizon: float, time_unit: str | None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def _record_training(args: argparse.Namespace, out: Path, cohort: Any) -> None:
-    """Store --time-unit and the development cohort's predicted-risk quintiles in the new checkpoint."""
-    import torch
-
-    from .checkpoint import store_risk_cutpoints, update_sidecar
-    from .predict import load_risk_model, patient_level, predict_cohort
-
-    if update_sidecar(out, time_unit=args.time_unit).kind != "risk":
-        return
-    model, side = load_risk_model(out, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pats = patient_level(predict_cohort(model, side, cohort, args.cache_dir))
-    store_risk_cutpoints(out, pats["prob"].to_numpy())
-
-
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .backbones import BackboneConfig
     from .methods import pretrain
 
+    cohort = _cohort(args.cohort)
     followup = _cohort(args.followup_cohort) if args.followup_cohort else None
     if followup is not None:
+        followup.check_events(what="the ssae's survival term (--followup-cohort)")
         _check_horizon(followup, args.horizon, args.time_unit)
     out = pretrain(
         args.method,
-        _cohort(args.cohort),
+        cohort,
         args.out,
         BackboneConfig(args.backbone, args.checkpoint_path),
         _preprocess_from_args(args, required=True),
@@ -151,9 +139,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         followup_cohort=followup,
         survival=_survival_config(args),  # ssae: its survival term is on wherever follow-up exists
         resume=args.resume,
+        time_unit=args.time_unit if followup is not None or cohort.has_survival else None,
     )
-    if followup is not None:
-        _record_training(args, out, followup)
     print(f"pretrained {args.method} encoder: {out}")
     return 0
 
@@ -163,6 +150,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .methods import FINETUNE_AUGMENT, finetune
 
     cohort = _cohort(args.cohort)
+    cohort.check_events(what="finetune")  # first: a horizon check on all-zero times would mislead
     _check_horizon(cohort, args.horizon, args.time_unit)
     out = finetune(
         cohort,
@@ -179,10 +167,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         freeze_encoder=args.freeze_encoder,
         resume=args.resume,
         augment=FINETUNE_AUGMENT if args.augment else None,
+        time_unit=args.time_unit,
+        device=args.device,
     )
-    _record_training(args, out, cohort)
     print(f"fine-tuned risk model: {out}")
     return 0
+
+
+def excluded_path(out: str | Path) -> Path:
+    """Where ``predict --out OUT`` lists the images it left out: ``OUT`` with suffix ``.excluded.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.excluded.csv")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -192,37 +187,106 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    from .cache import CachedImageDataset
+    from .cohort import LINE_COLUMN
     from .predict import as_model_input, check_preprocess, load_risk_model, predict_cohort, predict_images
     from .preprocess import read_images
     from .survival import risk_groups
 
     model, side = load_risk_model(args.model)
     config = check_preprocess(side, _preprocess_from_args(args, required=False))
+    development = side.risk_cutpoints["cutpoints"] if side.risk_cutpoints else None
     inputs = args.inputs
+    excluded: list[dict[str, Any]] = []
     if len(inputs) == 1 and inputs[0].lower().endswith((".csv", ".parquet", ".pq")):
+        cohort = _cohort(inputs[0])
+        keys = ["path", LINE_COLUMN] + (["pseudonym"] if "pseudonym" in cohort.table.columns else [])
+        if len(cohort.excluded):
+            reasons = cohort.excluded["reason"].tolist()
+            for rec, reason in zip(
+                cohort.key_columns(cohort.excluded).to_dict("records"), reasons, strict=True
+            ):
+                excluded.append({**rec, "error": "CohortExclusion", "reason": reason})
         with tempfile.TemporaryDirectory() as tmp:
-            frame = predict_cohort(model, side, _cohort(inputs[0]), args.cache_dir or tmp, config)
-        frame = frame.drop(columns=["patient"])
+            cache = args.cache_dir or tmp
+            dataset = CachedImageDataset(cohort, config, cache)
+            failed = dataset.warm()
+            keys_of = cohort.key_columns()
+            for row, err in dataset.read_errors.items():
+                excluded.append(
+                    {**keys_of.iloc[row].to_dict(), "error": type(err).__name__, "reason": err.reason}
+                )
+            kept = cohort.subset(np.setdiff1d(np.arange(len(cohort)), [r for r, _ in failed]))
+            if len(kept) == 0:
+                raise ValueError(f"predict: no readable image in {inputs[0]}; see the reasons above")
+            frame = predict_cohort(model, side, kept, cache, config)
+        ids = kept.key_columns().iloc[frame["row"].to_numpy()].reset_index(drop=True)
+        frame = pd.concat(
+            [ids[[k for k in keys if k in ids]], frame.drop(columns=["row", "patient"])], axis=1
+        )
+        if development is not None:
+            frame.insert(
+                frame.columns.get_loc("group") + 1,
+                "group_development",
+                risk_groups(frame["prob"], development),
+            )
+        excluded.sort(key=lambda r: r[LINE_COLUMN])
     else:
-        images, names, errors = [], [], 0
+        images, names, paths = [], [], []
         for item in read_images(inputs, config):
             if item.error is not None:
-                print(f"skipped {item.path}: {item.error.reason}", file=sys.stderr)
-                errors += 1
+                excluded.append({**item.error.to_dict(), "line": None})
                 continue
             images.append(as_model_input(item.image))
             names.append(Path(item.path).name)
+            paths.append(item.path)
         if not images:
-            raise ValueError("predict: no readable image among the inputs")
+            _write_excluded(args.out, excluded)
+            raise ValueError("predict: no readable image among the inputs; see the reasons above")
         out = predict_images(model, side, torch.stack(images))
         prob = out["prob"].numpy().astype(np.float64)
         frame = pd.DataFrame(
-            {"file": names, "risk": out["risk"].numpy(), "prob": prob, "group": risk_groups(prob)}
+            {
+                "file": names,
+                "path": paths,
+                "risk": out["risk"].numpy(),
+                "prob": prob,
+                "group": risk_groups(prob),
+            }
         )
+        if development is not None:
+            frame["group_development"] = risk_groups(prob, development)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False)
+    listed = _write_excluded(args.out, excluded)
     print(f"wrote {len(frame)} predictions to {args.out}")
+    if excluded:
+        print(f"excluded {len(excluded)} image(s), reasons in {listed}:", file=sys.stderr)
+        for rec in excluded[:20]:
+            where = f"line {rec[LINE_COLUMN]}: " if rec.get(LINE_COLUMN) is not None else ""
+            print(f"  {where}{rec['path']}: {rec['reason']}", file=sys.stderr)
+        if len(excluded) > 20:
+            print(f"  ... and {len(excluded) - 20} more", file=sys.stderr)
     return 0
+
+
+def _write_excluded(out: str | Path, excluded: list[dict[str, Any]]) -> Path:
+    """The exclusion list beside the predictions (header only when nothing was left out)."""
+    import pandas as pd
+
+    from .cohort import LINE_COLUMN
+
+    path = excluded_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{LINE_COLUMN: r.get(LINE_COLUMN, r.get("line")), **r} for r in excluded]
+    columns = [LINE_COLUMN, "path", "pseudonym", "error", "reason"]
+    table = pd.DataFrame(rows, columns=None if rows else columns)
+    if rows:
+        keep = [c for c in columns if c in table.columns]
+        table = table[keep]
+        table[LINE_COLUMN] = table[LINE_COLUMN].astype("Int64")
+    table.to_csv(path, index=False)
+    return path
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -240,6 +304,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     time_unit = args.time_unit or side.time_unit
     cohort = _cohort(args.cohort)
+    if cohort.has_survival:
+        cohort.check_events(what="validate (C-index, AUC, calibration)")
     cohort.check_horizon(horizon, time_unit, horizon_name="--horizon")  # unit warnings come with the report
     surv_times: list[float] = []
     if side.survival and side.survival["kind"] != "binary":
@@ -309,6 +375,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         transfer_checkpoint=args.checkpoint_path,
         preprocess=config_from_args(args),
         survival=SurvivalConfig(kind=args.head, horizon=args.horizon),
+        time_unit=args.time_unit,
         pretrain=replace(train, epochs=args.pretrain_epochs),
         finetune=replace(train, epochs=args.epochs),
         finetune_min_steps=args.min_steps,
@@ -384,7 +451,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="risk, P(death by horizon) and risk group per image")
     p.add_argument("inputs", nargs="+", metavar="COHORT_OR_IMAGE", help="a cohort CSV, or image files")
     p.add_argument("--model", required=True, help="fine-tuned checkpoint directory")
-    p.add_argument("--out", required=True, help="predictions CSV")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="predictions CSV; images left out (and why) go to OUT with suffix .excluded.csv",
+    )
     p.add_argument("--cache-dir", default=None)
     add_preprocess_arguments(p, size_default=None)
     p.set_defaults(func=_cmd_predict)
@@ -435,7 +506,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-boot", type=int, default=100)
     _augment_argument(p)
     p.add_argument("--head", choices=("cox", "logistic_hazard", "binary"), default="cox")
-    p.add_argument("--horizon", type=float, default=12.0)
+    p.add_argument("--horizon", type=float, default=12.0, help="time of the reported P(death) (--time-unit)")
+    _time_unit_argument(p, default="years")
     add_preprocess_arguments(p, size_default=224)
     _train_arguments(p, epochs=10, lr=1e-3)
     p.set_defaults(func=_cmd_sweep)

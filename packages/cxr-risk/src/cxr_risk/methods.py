@@ -34,10 +34,10 @@ from torch.utils.data import ConcatDataset, Dataset
 from .autoencoder import AutoencoderWeights, SemiSupervisedAutoencoder
 from .backbones import IMAGENET_INSTALL_HINT, BackboneConfig, Encoder, RiskModel
 from .cache import CachedImageDataset
-from .checkpoint import Sidecar, load_sidecar, load_state
-from .cohort import Cohort
+from .checkpoint import DEVELOPMENT_QUANTILES, Sidecar, load_sidecar, load_state, store_risk_cutpoints
+from .cohort import Cohort, check_time_unit
 from .contrastive import AugmentConfig, GrayscaleAugment, MoCo, SimCLR
-from .predict import check_preprocess
+from .predict import check_preprocess, load_risk_model, patient_level, predict_cohort
 from .preprocess import PreprocessConfig
 from .survival import SurvivalConfig
 from .trainer import FinetuneTask, TrainConfig, Trainer
@@ -119,16 +119,20 @@ def pretrain(
     options: dict[str, Any] | None = None,
     resume: bool = False,
     survival_term: bool | None = None,
+    time_unit: str | None = None,
 ) -> Path:
     """Pretrain an encoder with ``method`` on ``cohort`` (+ ``followup_cohort`` for the ssae's risk term).
 
     ``survival_term`` (ssae only): None = on when ``cohort`` or ``followup_cohort`` has follow-up
     (:func:`ssae_uses_followup`), with ``survival`` or the default :class:`SurvivalConfig`; False = off
     (reconstruction + diagnostic labels only); True = on, an error without follow-up. The sidecar records
-    the survival head when the term was on, and ``extra["survival_term"]`` either way.
+    the survival head when the term was on, and ``extra["survival_term"]`` either way. ``time_unit``: the
+    unit of the follow-up times (one of :data:`~cxr_risk.cohort.TIME_UNITS`), recorded in the sidecar.
+    With the survival term on, the follow-up must hold at least one event (checked before training).
     """
     if method not in PRETRAINED_METHODS:
         raise ValueError(f"pretrain: method={method!r} must be one of {PRETRAINED_METHODS}")
+    check_time_unit(time_unit)
     datasets: list[Dataset] = [CachedImageDataset(cohort, preprocess, cache_dir)]
     labels = list(cohort.label_columns)
     if followup_cohort is not None:
@@ -150,6 +154,11 @@ def pretrain(
         )
     use_survival = method == "ssae" and has_followup and survival_term is not False
     survival = (survival or SurvivalConfig()) if use_survival else None
+    if use_survival:
+        with_followup = [c for c in (cohort, followup_cohort) if c is not None and ssae_uses_followup(c)]
+        events = sum(int((c.table["event"] == 1).sum()) for c in with_followup)
+        if events == 0:
+            with_followup[-1].check_events(what="the ssae's survival term")
     torch.manual_seed(train.seed)
     encoder = Encoder(backbone)
     task = build_pretrain_task(method, encoder, len(labels), survival, weights, options)
@@ -160,6 +169,7 @@ def pretrain(
         labels=labels,
         survival=survival.to_dict() if survival is not None else None,
         extra={"init_weights": backbone.provenance(), "survival_term": use_survival},
+        time_unit=time_unit,
     )
     data = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     Trainer(task, train, out_dir, sidecar).fit(data, resume=resume)
@@ -203,13 +213,21 @@ def finetune(
     freeze_encoder: bool = False,
     resume: bool = False,
     augment: AugmentConfig | None = None,
+    time_unit: str | None = None,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Fine-tune a risk model on ``cohort`` (needs follow-up), from a pretrained checkpoint when ``init``.
 
     With ``init`` the backbone and preprocessing come from its sidecar (``preprocess`` may be given only if
     it is the same); without it ``backbone`` is required (``transfer`` passes one with ``weights="imagenet"``
     or ``checkpoint_path``). ``augment``: training-time image jitter (e.g. :data:`FINETUNE_AUGMENT`);
-    None = none.
+    None = none. ``time_unit``: the unit of the cohort's ``time`` and of the horizon (one of
+    :data:`~cxr_risk.cohort.TIME_UNITS`), recorded in the sidecar. ``device``: where to train (default:
+    CUDA when available).
+
+    After training, the development cohort's patient-level P(death by horizon) quintiles are stored as the
+    checkpoint's ``risk_cutpoints`` (:func:`~cxr_risk.checkpoint.store_risk_cutpoints`), so that predictions
+    and validation reports on other cohorts can be grouped on the development scale.
 
     ``method`` is what the sidecar records (and reports and sweep tables show). None = inferred: the
     ``init`` checkpoint's method (its kind, or for a fine-tuned checkpoint the method it recorded), else
@@ -217,8 +235,8 @@ def finetune(
     the initialisation is an error: ``transfer`` without weights, ``scratch`` with weights or with ``init``,
     a pretraining method without its checkpoint.
     """
-    if not cohort.has_survival:
-        raise ValueError("finetune: the cohort has no time/event columns; fine-tuning needs follow-up")
+    check_time_unit(time_unit)
+    cohort.check_events(what="fine-tuning")  # before any training: no events, no survival loss
     init_side = load_sidecar(init) if init is not None else None
     method = _finetune_method(method, backbone, init_side)
     extra: dict[str, Any] = {"method": method}
@@ -247,11 +265,21 @@ def finetune(
     extra["freeze_encoder"] = freeze_encoder
     extra["augment"] = None if augment is None else asdict(augment)
     sidecar = Sidecar.create(
-        "risk", backbone.record(), preprocess, labels=[], survival=survival.to_dict(), extra=extra
+        "risk",
+        backbone.record(),
+        preprocess,
+        labels=[],
+        survival=survival.to_dict(),
+        extra=extra,
+        time_unit=time_unit,
     )
-    Trainer(task, train, out_dir, sidecar).fit(
-        CachedImageDataset(cohort, preprocess, cache_dir), resume=resume
-    )
+    trainer = Trainer(task, train, out_dir, sidecar, device=device)
+    trainer.fit(CachedImageDataset(cohort, preprocess, cache_dir), resume=resume)
+    if trainer.ctx.is_main and len(np.unique(cohort.patient_ids)) > len(DEVELOPMENT_QUANTILES):
+        # The saved weights, reloaded as `predict` will use them, give the development scale. Fewer
+        # patients than groups (a tiny label fraction) define no quintiles: risk_cutpoints stays None.
+        model, side = load_risk_model(out_dir, trainer.ctx.device)
+        store_risk_cutpoints(out_dir, patient_level(predict_cohort(model, side, cohort, cache_dir))["prob"])
     return Path(out_dir)
 
 

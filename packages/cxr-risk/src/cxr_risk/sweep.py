@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from .backbones import IMAGENET_INSTALL_HINT, WEIGHT_SOURCES, BackboneConfig
-from .cohort import Cohort, label_fraction_subsets, patient_split
+from .cohort import Cohort, check_time_unit, label_fraction_subsets, patient_split
 from .contrastive import AugmentConfig
 from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain, ssae_uses_followup
 from .metrics import bootstrap_ci, harrell_c
@@ -50,7 +50,8 @@ class SweepConfig:
     tiny ``backbone`` for the other methods and gives ``transfer`` the one architecture with offline weights).
     ``ssae_survival``: the ssae's survival term, on (None = whenever the pretraining cohort has follow-up)
     or off (False). ``finetune_augment``: training-time jitter for every fine-tune (e.g.
-    :data:`~cxr_risk.methods.FINETUNE_AUGMENT`), None = none.
+    :data:`~cxr_risk.methods.FINETUNE_AUGMENT`), None = none. ``time_unit``: the unit of the cohorts'
+    ``time`` and of the horizon, recorded in every fine-tuned checkpoint (with its development quintiles).
     """
 
     methods: tuple[str, ...] = ("scratch", "transfer", "simclr", "autoencoder", "ssae")
@@ -70,8 +71,10 @@ class SweepConfig:
     finetune_augment: AugmentConfig | None = None
     test_fraction: float = 0.3
     n_boot: int = 100
+    time_unit: str | None = "years"
 
     def __post_init__(self) -> None:
+        check_time_unit(self.time_unit, name="SweepConfig: time_unit")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"SweepConfig: unknown methods {bad}; choose from {METHODS}")
@@ -131,6 +134,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Run the sweep; returns (and writes) the tidy results table."""
+    dev_cohort.check_events(what="the sweep's fine-tuning (--dev-cohort)")  # before any pretraining
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = patient_split(
@@ -160,6 +164,7 @@ def run_sweep(
                 cache_dir,
                 survival=config.survival,
                 survival_term=method == "ssae" and config.pretrain_survival(pretrain_cohort),
+                time_unit=config.time_unit if pretrain_cohort.has_survival else None,
             )
             timings[f"pretrain/{method}"] = time.perf_counter() - t0
     for method in config.methods:
@@ -181,6 +186,7 @@ def run_sweep(
                     method=method,
                     freeze_encoder=config.freeze_encoder and method in pretrained,
                     augment=config.finetune_augment,
+                    time_unit=config.time_unit,
                 )
                 model, side = load_risk_model(ck)
                 for name, cohort in tests.items():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,38 @@ def _spacing(ds: Dataset, size: int, detector: bool) -> None:
         ds.PixelSpacing = [round(spacing, 6)] * 2
 
 
+#: The variants that pydicom compresses (JPEG Baseline is written through Pillow, always installed).
+COMPRESSED_VARIANTS: dict[str, str] = {
+    "cr_mono2_12bit_rle": RLELossless,
+    "dx_mono1_12bit_j2k": JPEG2000Lossless,
+}
+
+
+def _encoder_available(uid: str) -> bool:
+    """Whether pydicom can compress to ``uid`` here (JPEG 2000 needs ``pip install cxr-risk[jpeg]``)."""
+    from pydicom.pixels import get_encoder
+
+    try:
+        return bool(get_encoder(uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def missing_encoders(variants: tuple[str, ...] = VARIANTS) -> dict[str, str]:
+    """Variant -> transfer syntax name for the variants that would be written uncompressed here."""
+    return {
+        v: COMPRESSED_VARIANTS[v].name
+        for v in variants
+        if v in COMPRESSED_VARIANTS and not _encoder_available(COMPRESSED_VARIANTS[v])
+    }
+
+
+def _compress(ds: Dataset, uid: str) -> None:
+    """Compress ``ds`` to ``uid``, or leave it uncompressed (Explicit VR Little Endian) without an encoder."""
+    if _encoder_available(uid):
+        ds.compress(uid, generate_instance_uid=False)
+
+
 def encode_dicom(display: np.ndarray, variant: str, patient_id: str, view: str) -> Dataset:
     """A DICOM dataset whose correct reading reproduces ``display`` (up to quantisation / the window)."""
     rows, cols = display.shape
@@ -173,7 +206,7 @@ def encode_dicom(display: np.ndarray, variant: str, patient_id: str, view: str) 
         _set_pixels(ds, np.round(y * 4095), 16, 12, False)
         ds.WindowCenter, ds.WindowWidth = 2048, 4096  # LINEAR: x / 4095 exactly
         if variant.endswith("rle"):
-            ds.compress(RLELossless, generate_instance_uid=False)
+            _compress(ds, RLELossless)
     elif variant == "dx_mono1_16bit_rescale_linear_exact_inverse":
         # MONO1: VOI output v = 1 - y; LINEAR_EXACT v = (m - c) / w + 0.5; m = 2 * stored - 1000.
         c, w = 30000.0, 60000.0
@@ -198,7 +231,7 @@ def encode_dicom(display: np.ndarray, variant: str, patient_id: str, view: str) 
     elif variant == "dx_mono1_12bit_j2k":
         # MONO1 without a window: percentile window then inversion.
         _set_pixels(ds, np.round((1.0 - y) * 4095), 16, 12, False)
-        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+        _compress(ds, JPEG2000Lossless)
     elif variant == "dx_mono2_12bit_sigmoid":
         c, w = 2048.0, 1200.0
         p = np.clip(y, 1e-3, 1 - 1e-3)
@@ -280,6 +313,17 @@ def make_cohort(
         raise ValueError(f"make_cohort: external_gamma={external_gamma} must be > 0 (1 = no change)")
     if not external_noise >= 0:
         raise ValueError(f"make_cohort: external_noise={external_noise} must be >= 0")
+    variants = EXTERNAL_VARIANTS if shift == "external" else VARIANTS
+    missing = missing_encoders(variants)
+    if missing:  # known before any file is written; the reader handles uncompressed files on every branch
+        warnings.warn(
+            "make_cohort: no encoder for "
+            + ", ".join(f"{name} ({v})" for v, name in missing.items())
+            + "; those images are written uncompressed (Explicit VR Little Endian), see truth.csv "
+            "'transfer_syntax'. pip install cxr-risk[jpeg] to write them compressed",
+            UserWarning,
+            stacklevel=2,
+        )
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -313,7 +357,6 @@ def make_cohort(
     nodule = noisy_label(radius, 0.07)
     opacity = noisy_label(texture, 0.5)
     cardiomegaly = noisy_label(heart, 0.7)
-    variants = EXTERNAL_VARIANTS if shift == "external" else VARIANTS
     noise = external_noise if shift == "external" else DEVELOPMENT_NOISE
     rows, truth = [], []
     image_no = 0
@@ -333,6 +376,7 @@ def make_cohort(
             offset = int(rng.integers(1, 200)) if late else -int(rng.integers(0, 365))
             study_date = index_date + np.timedelta64(offset, "D")
             copy_paths = ("", "")
+            syntax = ""
             if variant.startswith(("png", "tiff")):
                 name = f"img{image_no:06d}.{'tif' if variant.startswith('tiff') else 'png'}"
                 _write_raster(out / "images" / name, display, variant)
@@ -340,6 +384,7 @@ def make_cohort(
                 name = f"img{image_no:06d}.dcm"
                 ds = encode_dicom(display, variant, pid, view)
                 ds.StudyDate = str(study_date).replace("-", "")
+                syntax = ds.file_meta.TransferSyntaxUID.name
                 ds.save_as(out / "images" / name, enforce_file_format=True)
                 if copies:
                     (out / "copies").mkdir(exist_ok=True)
@@ -367,6 +412,7 @@ def make_cohort(
                 {
                     "path": f"images/{name}",
                     "variant": variant,
+                    "transfer_syntax": syntax,
                     "lesion_radius": radius[p],
                     "lesion_texture": texture[p],
                     "log_hazard": log_h[p],

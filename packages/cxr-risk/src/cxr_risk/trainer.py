@@ -323,7 +323,7 @@ class Trainer:
         if cfg.drop_last and per_rank < cfg.batch_size:
             raise ValueError(
                 f"Trainer: {n} images give {per_rank} per rank, fewer than batch_size={cfg.batch_size}; "
-                "lower batch_size or set drop_last=False"
+                "lower batch_size (in Python, TrainConfig(drop_last=False) also keeps a partial batch)"
             )
         loader = DataLoader(
             dataset,
