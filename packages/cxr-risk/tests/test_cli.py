@@ -87,26 +87,42 @@ def test_bad_cohort_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "line 2: negative follow-up time" in capsys.readouterr().err
 
 
-def test_commands_module_is_registered_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
+def test_model_commands_are_registered_from_their_module(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
 
-    fake = types.ModuleType("cxr_risk.commands")
+    fake = types.ModuleType("cxr_risk.cli.model_commands")
 
     def register(sub) -> None:
         p = sub.add_parser("hello")
         p.set_defaults(func=lambda args: 7)
 
     fake.register = register  # type: ignore[attr-defined]
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setitem(sys.modules, "cxr_risk.commands", fake)
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: object() if name == "cxr_risk.commands" else real_find_spec(name, *a),
-    )
+    monkeypatch.setitem(sys.modules, "cxr_risk.cli.model_commands", fake)
     assert cli.main(["hello"]) == 7
+
+
+def test_data_commands_do_not_import_the_model_stack(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cxr_risk.cli import main; "
+        f"assert main(['synth', {str(tmp_path)!r}, '--n', '4', '--image-size', '32']) == 0; "
+        "print('loaded:', *(m for m in ('cxr_risk.cli.model_commands', 'cxr_risk.trainer', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "loaded:", out.stdout
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "cxr_risk.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "pretrain" in out.stdout and "inspect" in out.stdout
 
 
 def test_console_script_entry_point() -> None:

@@ -7,13 +7,12 @@ by patient; :class:`CachedImageDataset` serves it to torch from a preprocessed o
 :mod:`cxr_risk.synth` writes synthetic cohorts with a known pixel hazard.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from . import adapters, synth
+from ._version import __version__
 from .cache import CachedImageDataset, ImageCache
 from .cohort import Cohort, CohortError, kfold, label_fraction_subsets, patient_split
-from .preprocess import PreprocessConfig, read_image, read_images
+from .config import PreprocessConfig
+from .preprocess import read_image, read_images
 from .qc import (
     ImageReadError,
     MissingDecoderError,
@@ -44,11 +43,6 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-try:
-    __version__: str = _version("cxr-risk")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "BackboneConfig",

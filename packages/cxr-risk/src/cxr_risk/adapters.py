@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .cohort import Cohort
-from .preprocess import normalise_view
+from .views import normalise_view
 
 NIH_LABELS: tuple[str, ...] = (
     "Atelectasis",

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .cohort import Cohort
-from .preprocess import PreprocessConfig, read_image
+from .config import PreprocessConfig
+from .preprocess import read_image
 from .qc import QCRecord
 
 _SCALE = 65535.0
@@ -219,3 +220,17 @@ class CachedImageDataset(Dataset):
             uncertain=self.uncertain,
             transform=self.transform,
         )
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``collate_fn`` for :class:`CachedImageDataset` items: stack tensors and numbers, keep the rest as lists."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float, np.integer, np.floating)):
+            out[key] = torch.tensor(vals)
+        else:
+            out[key] = vals
+    return out

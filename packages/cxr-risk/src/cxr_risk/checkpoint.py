@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._version import __version__
 from .cohort import check_time_unit
-from .preprocess import PreprocessConfig
+from .config import PreprocessConfig
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -88,8 +89,6 @@ class Sidecar:
         preprocess: PreprocessConfig,
         **kwargs: Any,
     ) -> Sidecar:
-        from . import __version__
-
         if preprocess.size is None:
             raise ValueError("Sidecar: the preprocessing contract needs a fixed size (PreprocessConfig.size)")
         return cls(

@@ -12,7 +12,8 @@ Presentation LUT (polarity). Each step is a separate public function so tests ca
 * :func:`modality_lut` - pydicom's ``apply_modality_lut`` (PS3.3 C.11.1), returned as float64.
 * :func:`voi` - the VOI step mapped straight to ``[0, 1]`` (``ymin = 0``, ``ymax = 1`` in the formulas
   of PS3.3 C.11.2.1.2); VOI LUT Sequence data are scaled by their own min and max; without any VOI
-  attribute, a robust percentile window (``PreprocessConfig.percentile_window``).
+  attribute, a robust percentile window (``PreprocessConfig.percentile_window``). The window functions
+  themselves live in :mod:`cxr_risk.windowing`, which the PNG/TIFF reader shares.
 * :func:`polarity` - ``1 - y`` for MONOCHROME1 or PresentationLUTShape INVERSE. Because the VOI
   output is exactly ``[0, 1]``, this is inversion over the actual output range.
 """
@@ -30,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi
 
+from .config import PreprocessConfig
 from .qc import (
     ImageReadError,
     MissingDecoderError,
@@ -38,6 +40,13 @@ from .qc import (
     ViewRejectedError,
     image_key,
 )
+from .views import LATERAL_VIEWS, normalise_view
+from .windowing import WINDOW_FUNCTIONS, percentile_window
+
+# The VOI functions moved to ``windowing`` (shared with the PNG/TIFF reader); still importable from here.
+from .windowing import window_linear as window_linear
+from .windowing import window_linear_exact as window_linear_exact
+from .windowing import window_sigmoid as window_sigmoid
 
 # Modalities read as projection chest radiographs. OT (other) is allowed because secondary captures of
 # digitised films are common; it gets a QC warning.
@@ -207,45 +216,6 @@ def modality_lut(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float64), source
 
 
-def window_linear(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """VOILUTFunction LINEAR (PS3.3 C.11.2.1.2.1) onto ``[0, 1]``; needs ``width >= 1``."""
-    lo = center - 0.5 - (width - 1) / 2
-    hi = center - 0.5 + (width - 1) / 2
-    y = ((x - (center - 0.5)) / (width - 1) + 0.5) if width > 1 else np.zeros_like(x)
-    return np.where(x <= lo, 0.0, np.where(x > hi, 1.0, y))
-
-
-def window_linear_exact(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """VOILUTFunction LINEAR_EXACT (PS3.3 C.11.2.1.3.2) onto ``[0, 1]``; needs ``width > 0``."""
-    y = (x - center) / width + 0.5
-    return np.where(x <= center - width / 2, 0.0, np.where(x > center + width / 2, 1.0, y))
-
-
-def window_sigmoid(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """VOILUTFunction SIGMOID (PS3.3 C.11.2.1.3.1) onto ``[0, 1]``; needs ``width > 0``."""
-    return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-
-
-_WINDOW_FUNCTIONS = {"LINEAR": window_linear, "LINEAR_EXACT": window_linear_exact, "SIGMOID": window_sigmoid}
-
-
-def percentile_window(
-    x: np.ndarray, low: float, high: float, *, exclude: np.ndarray | None = None
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Linear map of the ``low``..``high`` percentiles of ``x`` onto ``[0, 1]``, clipped.
-
-    ``exclude`` (a boolean mask like ``x``, e.g. :func:`padding_mask`) leaves those pixels out of the
-    percentiles; they are still mapped. With every pixel excluded the output is all 0.
-    """
-    sample = x if exclude is None else x[~exclude]
-    if sample.size == 0:
-        return np.zeros_like(x, dtype=np.float64), (0.0, 0.0)
-    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
-    if hi <= lo:
-        return np.zeros_like(x, dtype=np.float64), (lo, hi)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0), (lo, hi)
-
-
 def _nth(value: Any, index: int) -> float:
     """The ``index``-th value of a possibly multi-valued DS element."""
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -254,7 +224,7 @@ def _nth(value: Any, index: int) -> float:
 
 
 def voi(
-    x: np.ndarray, ds: Dataset, config: Any, qc: QCRecord, *, padding: np.ndarray | None = None
+    x: np.ndarray, ds: Dataset, config: PreprocessConfig, qc: QCRecord, *, padding: np.ndarray | None = None
 ) -> np.ndarray:
     """The VOI step onto ``[0, 1]``; records the source, function and window in ``qc``.
 
@@ -278,13 +248,13 @@ def voi(
     if config.voi == "auto" and "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _nth(ds.WindowCenter, index), _nth(ds.WindowWidth, index)
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        if function not in _WINDOW_FUNCTIONS:
+        if function not in WINDOW_FUNCTIONS:
             qc.warn(f"unknown VOILUTFunction={function}: LINEAR used")
             function = "LINEAR"
         minimum = 1.0 if function == "LINEAR" else 0.0
         if width > minimum or (function == "LINEAR" and width == 1):
             qc.voi_source, qc.voi_function, qc.window = "window", function, (center, width)
-            return _WINDOW_FUNCTIONS[function](x, center, width)
+            return WINDOW_FUNCTIONS[function](x, center, width)
         qc.warn(f"invalid WindowWidth={width} for {function}: percentile window used")
     y, bounds = percentile_window(x, *config.percentile_window, exclude=padding)
     qc.voi_source, qc.window = "percentile", bounds
@@ -409,8 +379,6 @@ def header_qc(path: Path, ds: Dataset) -> QCRecord:
     Raises :class:`ImageReadError` when an integer attribute of the image (Rows, BitsStored,
     NumberOfFrames...) is malformed.
     """
-    from .preprocess import normalise_view
-
     ints = {name: _int_attribute(path, ds, name) for name in _INTEGER_ATTRIBUTES}
 
     uid = str(ds.get("SOPInstanceUID", "") or "")
@@ -442,10 +410,8 @@ def header_qc(path: Path, ds: Dataset) -> QCRecord:
     return qc
 
 
-def check_view(path: Path, qc: QCRecord, config: Any) -> None:
+def check_view(path: Path, qc: QCRecord, config: PreprocessConfig) -> None:
     """Raise :class:`ViewRejectedError` unless the view is allowed (``LATERAL`` also admits LL and RL)."""
-    from .preprocess import LATERAL_VIEWS
-
     if config.allowed_views is None:
         return
     if qc.view is None:
@@ -458,7 +424,7 @@ def check_view(path: Path, qc: QCRecord, config: Any) -> None:
         raise ViewRejectedError(path, f"ViewPosition={qc.view} not in allowed_views={config.allowed_views}")
 
 
-def read_dicom(path: str | Path, config: Any) -> tuple[np.ndarray, QCRecord]:
+def read_dicom(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, QCRecord]:
     """Decode -> padding -> modality LUT -> VOI -> polarity for one file; geometry is left to the caller."""
     path = Path(path)
     ds = load(path)

@@ -9,11 +9,10 @@ images, so values stay inside ``[0, 1]``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image
 
+from .config import PreprocessConfig
 from .qc import QCRecord
 
 
@@ -79,7 +78,7 @@ def fit(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     return np.ascontiguousarray(scaled[top : top + height, left : left + width])
 
 
-def apply_geometry(image: np.ndarray, qc: QCRecord, config: Any) -> np.ndarray:
+def apply_geometry(image: np.ndarray, qc: QCRecord, config: PreprocessConfig) -> np.ndarray:
     """Trim, resample and fit ``image`` per ``config``; records the trim box and output shape in ``qc``."""
     if config.trim:
         top, bottom, left, right = trim_box(image, config.trim_threshold, config.trim_max_fraction)

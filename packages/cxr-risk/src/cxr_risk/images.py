@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from .config import PreprocessConfig
 from .qc import ImageReadError, QCRecord, UnsupportedImageError, ViewRejectedError, image_key
+from .windowing import percentile_window
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 
@@ -90,10 +91,8 @@ def _read_tiff(path: Path, qc: QCRecord) -> tuple[np.ndarray, int]:
     return arr, bits
 
 
-def read_raster(path: str | Path, config: Any) -> tuple[np.ndarray, QCRecord]:
+def read_raster(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, QCRecord]:
     """Read a PNG/JPEG/TIFF file to float32 ``[0, 1]`` (0 = displayed black); no geometry yet."""
-    from .dicom import percentile_window
-
     path = Path(path)
     suffix = path.suffix.lower()
     kind = "tiff" if suffix in TIFF_SUFFIXES else ("jpeg" if suffix in (".jpg", ".jpeg") else "png")

@@ -36,9 +36,9 @@ from .backbones import IMAGENET_INSTALL_HINT, BackboneConfig, Encoder, RiskModel
 from .cache import CachedImageDataset
 from .checkpoint import DEVELOPMENT_QUANTILES, Sidecar, load_sidecar, load_state, store_risk_cutpoints
 from .cohort import Cohort, check_time_unit
+from .config import PreprocessConfig
 from .contrastive import AugmentConfig, GrayscaleAugment, MoCo, SimCLR
 from .predict import check_preprocess, load_risk_model, patient_level, predict_cohort
-from .preprocess import PreprocessConfig
 from .survival import SurvivalConfig
 from .trainer import FinetuneTask, TrainConfig, Trainer
 

@@ -20,12 +20,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .backbones import BackboneConfig, Encoder, RiskModel
-from .cache import CachedImageDataset
+from .cache import CachedImageDataset, collate
 from .checkpoint import Sidecar, load_sidecar, load_state
 from .cohort import Cohort
-from .preprocess import PreprocessConfig
+from .config import PreprocessConfig
 from .survival import CXR_RISK_CUTPOINTS, SurvivalConfig, risk_groups
-from .trainer import collate
 
 __all__ = [
     "as_model_input",

@@ -26,11 +26,11 @@ import pandas as pd
 
 from .backbones import IMAGENET_INSTALL_HINT, WEIGHT_SOURCES, BackboneConfig
 from .cohort import Cohort, check_time_unit, label_fraction_subsets, patient_split
+from .config import PreprocessConfig
 from .contrastive import AugmentConfig
 from .methods import METHODS, PRETRAINED_METHODS, finetune, pretrain, ssae_uses_followup
 from .metrics import bootstrap_ci, harrell_c
 from .predict import load_risk_model, patient_level, predict_cohort
-from .preprocess import PreprocessConfig
 from .survival import SurvivalConfig
 from .trainer import TrainConfig
 

@@ -34,8 +34,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbones import RiskModel
+from .cache import collate
 from .checkpoint import Sidecar, load_state, save_checkpoint
 
+# ``collate`` lives beside the dataset whose items it stacks; re-exported here, where it was first published.
 __all__ = ["FinetuneTask", "TrainConfig", "Trainer", "collate", "distributed_context"]
 
 
@@ -132,20 +134,6 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.world)
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors and numbers; keep other values as lists."""
-    out: dict[str, Any] = {}
-    for key in items[0]:
-        vals = [it[key] for it in items]
-        if isinstance(vals[0], Tensor):
-            out[key] = torch.stack(vals)
-        elif isinstance(vals[0], (int, float, np.integer, np.floating)):
-            out[key] = torch.tensor(vals)
-        else:
-            out[key] = vals
-    return out
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
