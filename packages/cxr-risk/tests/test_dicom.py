@@ -556,3 +556,27 @@ def test_fixture_with_padding_border_reads_like_the_unpadded_image(tmp_path: Pat
     inside[200:1224, 180:1204] = True
     assert (padded[~inside] == 0).all() and qp.window == qa.window
     assert qp.padding_fraction == pytest.approx(1 - 1024 * 1024 / canvas.size)
+
+
+RG1 = Path(__file__).resolve().parent / "fixtures" / "pydicom-data" / "RG1_J2KI.dcm"
+
+
+@pytest.mark.skipif(not RG1.is_file(), reason=f"{RG1} missing (part of the package's tests)")
+def test_real_monochrome1_cr_matches_pydicoms_own_pipeline() -> None:
+    """pydicom-data's real chest CR RG1 (16-bit allocated, 15 stored, MONOCHROME1, JPEG 2000): our decode is
+    pydicom's pixel array, and our display value is pydicom's modality LUT + VOI window, rescaled from its
+    output range to [0, 1] and inverted for MONOCHROME1."""
+    pixels = pytest.importorskip("pydicom.pixels")
+    ds = pydicom.dcmread(RG1)
+    try:
+        stored = ds.pixel_array
+    except Exception as err:  # no JPEG 2000 decoder: the jpeg extra is missing
+        pytest.skip(f"no JPEG 2000 decoder ({err})")
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored == 15
+    np.testing.assert_array_equal(dcm.decode(ds), stored)
+    ours, qc = read_image(RG1, RAW)
+    assert qc.inversion_applied and ours.shape == stored.shape
+    voi = pixels.apply_voi_lut(pixels.apply_modality_lut(stored, ds), ds).astype(np.float64)
+    # pydicom's LINEAR window maps to [0, 2**BitsStored - 1] here (unsigned, no rescale)
+    want = 1.0 - voi / (2**ds.BitsStored - 1)
+    assert_close(ours, want, tol=4 * F32)
