@@ -117,3 +117,33 @@ def test_fast_path_on_device(device: torch.device) -> None:
         fast = newton_schulz(G.to(device, dtype)).cpu()
         ref = newton_schulz_reference(G.to(dtype))
         assert max_err(fast, truth) <= 3 * max_err(ref, truth) + 50 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (2, 40, 12), (4, 12, 40), (24, 10)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_overwrite_input_is_the_same_iteration(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """``overwrite_input=True`` reuses the input as an iterate (tall matrices in the right-hand form): the
+    same polynomial, so it agrees with the copying path to rounding, and with the reference as closely as
+    the copying path does; the input's memory is spent."""
+    G = torch.randn(shape, generator=seeded(4), dtype=dtype)
+    copying = newton_schulz(G.clone())
+    ref = newton_schulz_reference(G.double())
+    work = G.clone()
+    out = newton_schulz(work, overwrite_input=True)
+    assert out.shape == G.shape and out.dtype == G.dtype
+    eps = torch.finfo(dtype).eps
+    assert_close(out, copying, atol=64 * eps, rtol=64 * eps, what="in place vs copying")
+    assert max_err(out, ref) <= 2 * max_err(copying, ref) + 64 * eps
+    assert not torch.equal(work, G)  # the input was used as workspace
+
+
+def test_overwrite_input_leaves_inputs_it_cannot_use() -> None:
+    """A non-contiguous input, or one in another dtype than the compute dtype, is not overwritten."""
+    G = torch.randn(16, 24, generator=seeded(5)).mT  # non-contiguous
+    before = G.clone()
+    newton_schulz(G, overwrite_input=True)
+    assert torch.equal(G, before)
+    H = torch.randn(8, 8, generator=seeded(6), dtype=torch.float64)
+    before = H.clone()
+    newton_schulz(H, dtype=torch.float32, overwrite_input=True)
+    assert torch.equal(H, before)
