@@ -62,7 +62,13 @@ from cxr_risk.sweep import SweepConfig, _finetune_config, plot_label_efficiency
 from cxr_risk.synth import DEVELOPMENT_NOISE, EXTERNAL_GAMMA, EXTERNAL_NOISE, make_cohort
 from cxr_risk.trainer import TrainConfig
 
-METHODS = ("scratch", "ssae", "simclr", "autoencoder", "transfer")  # the paper's best first; transfer (lite0, ~6x a cell) last
+METHODS = (
+    "scratch",
+    "ssae",
+    "simclr",
+    "autoencoder",
+    "transfer",
+)  # the paper's best first; transfer (lite0, ~6x a cell) last
 # The settings of the README's table (measured: 324 s for the whole script on a quiet 2-core CPU).
 _CPU_PAPER = dict(
     size=64,
