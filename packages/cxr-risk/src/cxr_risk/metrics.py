@@ -27,12 +27,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Literal
 
 import numpy as np
 import torch
 
-from .survival import cox_ph_loss
+from .survival import CensoringKM, censoring_kaplan_meier, cox_ph_loss
 
 __all__ = [
     "Calibration",
@@ -88,48 +87,6 @@ def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ censoring weights
-@dataclass
-class CensoringKM:
-    """Kaplan-Meier estimate G of the censoring survival P(C > t), deaths leaving the risk set first.
-
-    ``times``: distinct censoring times; ``survival``: G just after each. ``at(t)`` is G(t) (right-continuous,
-    what scikit-survival's ``CensoringDistributionEstimator.predict_proba`` returns); ``before(t)`` is the
-    left limit G(t-) = P(C >= t), the probability that a patient still under observation at t is seen at t.
-    Both are flat beyond the last censoring time.
-    """
-
-    times: np.ndarray
-    survival: np.ndarray
-
-    def _step(self, t: float | np.ndarray, side: Literal["left", "right"]) -> np.ndarray | float:
-        idx = np.searchsorted(self.times, np.asarray(t, dtype=np.float64), side=side)
-        out = np.concatenate([[1.0], self.survival])[idx]
-        return float(out) if np.ndim(out) == 0 else out
-
-    def at(self, t: float | np.ndarray) -> np.ndarray | float:
-        return self._step(t, "right")
-
-    def before(self, t: float | np.ndarray) -> np.ndarray | float:
-        return self._step(t, "left")
-
-
-def censoring_kaplan_meier(time: np.ndarray, event: np.ndarray) -> CensoringKM:
-    """Reverse Kaplan-Meier (censorings are the "events"), with deaths at a tied time removed first.
-
-    At each censoring time u the risk set is everyone with T >= u except those who died at u, as in
-    scikit-survival's ``kaplan_meier_estimator(..., reverse=True)`` and R's ``prodlim(reverse=TRUE)``;
-    equivalently lifelines' Kaplan-Meier of the censorings after moving each death an instant earlier.
-    """
-    t, e = _arrays(time, event)
-    uniq, inv = np.unique(t, return_inverse=True)
-    n_dead = np.bincount(inv, weights=e, minlength=uniq.size)
-    n_cens = np.bincount(inv, weights=~e, minlength=uniq.size)
-    at_risk = t.size - np.concatenate([[0.0], np.cumsum(n_dead + n_cens)[:-1]]) - n_dead
-    c = n_cens > 0
-    uniq, n_cens, at_risk = uniq[c], n_cens[c], at_risk[c]
-    return CensoringKM(uniq, np.cumprod(1.0 - n_cens / at_risk))
-
-
 def _censoring(
     time: np.ndarray, event: np.ndarray, train_time: np.ndarray | None, train_event: np.ndarray | None
 ) -> CensoringKM:

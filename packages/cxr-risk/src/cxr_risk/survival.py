@@ -33,6 +33,7 @@ __all__ = [
     "CXR_RISK_CUTPOINTS",
     "RISK_GROUP_NAMES",
     "BinaryHorizonHead",
+    "CensoringKM",
     "CoxHead",
     "LogisticHazardHead",
     "SurvivalConfig",
@@ -40,7 +41,7 @@ __all__ = [
     "binary_horizon_loss",
     "binary_horizon_targets",
     "build_head",
-    "censoring_km",
+    "censoring_kaplan_meier",
     "cox_ph_loss",
     "cox_ph_loss_reference",
     "logistic_hazard_loss",
@@ -182,10 +183,10 @@ def binary_horizon_targets(
     w = known.to(torch.float32)
     if censored == "ipcw":
         t_np, e_np = time.detach().cpu().double().numpy(), ev.cpu().numpy()
-        g = censoring_km(t_np, e_np)
+        g = censoring_kaplan_meier(t_np, e_np)
         at = np.minimum(t_np, horizon)
         # G evaluated just before the time (left limit), as for IPCW C-index and Brier scores
-        gv = np.clip(g(at, left=True), 1e-3, None)
+        gv = np.clip(g.before(at), 1e-3, None)
         w = w * torch.as_tensor(1.0 / gv, dtype=torch.float32, device=time.device)
     return y.to(time.device), w.to(time.device)
 
@@ -205,26 +206,48 @@ def binary_horizon_loss(
 
 
 # ---------------------------------------------------------------------------------- censoring KM helper
-class _StepFunction:
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.x, self.y = x, y
+@dataclass
+class CensoringKM:
+    """Kaplan-Meier estimate G of the censoring survival P(C > t), deaths leaving the risk set first.
 
-    def __call__(self, t: np.ndarray | float, left: bool = False) -> np.ndarray:
-        idx = np.searchsorted(self.x, np.asarray(t, dtype=np.float64), side="left" if left else "right")
-        return np.concatenate([[1.0], self.y])[idx]
+    ``times``: distinct censoring times; ``survival``: G just after each. ``at(t)`` is G(t) (right-continuous,
+    what scikit-survival's ``CensoringDistributionEstimator.predict_proba`` returns); ``before(t)`` is the
+    left limit G(t-) = P(C >= t), the probability that a patient still under observation at t is seen at t.
+    Both are flat beyond the last censoring time.
+    """
+
+    times: np.ndarray
+    survival: np.ndarray
+
+    def _step(self, t: float | np.ndarray, side: Literal["left", "right"]) -> np.ndarray | float:
+        idx = np.searchsorted(self.times, np.asarray(t, dtype=np.float64), side=side)
+        out = np.concatenate([[1.0], self.survival])[idx]
+        return float(out) if np.ndim(out) == 0 else out
+
+    def at(self, t: float | np.ndarray) -> np.ndarray | float:
+        return self._step(t, "right")
+
+    def before(self, t: float | np.ndarray) -> np.ndarray | float:
+        return self._step(t, "left")
 
 
-def censoring_km(time: np.ndarray, event: np.ndarray) -> _StepFunction:
-    """Kaplan-Meier estimate G(t) of the censoring survival (censorings are the "events"), with deaths at a
-    tied time leaving the risk set first: the convention of ``metrics.censoring_kaplan_meier``."""
+def censoring_kaplan_meier(time: np.ndarray, event: np.ndarray) -> CensoringKM:
+    """Reverse Kaplan-Meier (censorings are the "events"), with deaths at a tied time removed first.
+
+    At each censoring time u the risk set is everyone with T >= u except those who died at u, as in
+    scikit-survival's ``kaplan_meier_estimator(..., reverse=True)`` and R's ``prodlim(reverse=TRUE)``;
+    equivalently lifelines' Kaplan-Meier of the censorings after moving each death an instant earlier. The
+    IPCW training weights (:func:`binary_horizon_targets`) and the metrics (:mod:`cxr_risk.metrics`) share it.
+    """
     t = np.asarray(time, dtype=np.float64)
-    c = ~np.asarray(event, dtype=bool)
-    uniq = np.unique(t[c])
-    if uniq.size == 0:
-        return _StepFunction(np.array([np.inf]), np.array([1.0]))
-    at_risk = np.array([(t >= u).sum() - ((t == u) & ~c).sum() for u in uniq], dtype=np.float64)
-    n_c = np.array([((t == u) & c).sum() for u in uniq], dtype=np.float64)
-    return _StepFunction(uniq, np.cumprod(1.0 - n_c / at_risk))
+    e = np.asarray(event).astype(bool)
+    uniq, inv = np.unique(t, return_inverse=True)
+    n_dead = np.bincount(inv, weights=e, minlength=uniq.size)
+    n_cens = np.bincount(inv, weights=~e, minlength=uniq.size)
+    at_risk = t.size - np.concatenate([[0.0], np.cumsum(n_dead + n_cens)[:-1]]) - n_dead
+    c = n_cens > 0
+    uniq, n_cens, at_risk = uniq[c], n_cens[c], at_risk[c]
+    return CensoringKM(uniq, np.cumprod(1.0 - n_cens / at_risk))
 
 
 # ------------------------------------------------------------------------------------------------ heads
