@@ -557,7 +557,7 @@ class Muon(torch.optim.Optimizer):
         bufs = [it.buf for it in chunk]
         exact = key.dtype in (torch.float32, torch.float64)
         # 2. M <- mu M + G and the matrix to orthogonalise, G + mu M (Nesterov) or M, as muon_update does.
-        _copy(inputs, [it.grad for it in chunk], exact)
+        torch._foreach_copy_(inputs, [it.grad for it in chunk])  # a copy rounds nothing
         if grad_scale is not None:
             stack.mul_(grad_scale.to(stack.device))  # clipping: the same G * c as _scaled
         _mul(bufs, key.momentum, exact)
@@ -565,7 +565,7 @@ class Muon(torch.optim.Optimizer):
         if key.nesterov:
             _add(inputs, bufs, key.momentum, exact)
         else:
-            _copy(inputs, bufs, exact)
+            torch._foreach_copy_(inputs, bufs)
         del inputs
         # 3. One batched Newton-Schulz call, scaled per logical matrix (Moonlight's 0.2 sqrt(max(A, B))).
         steps, coeffs, eps = key.ns
@@ -604,17 +604,8 @@ class Muon(torch.optim.Optimizer):
             nesterov=group["nesterov"],
         )
         dtype = resolve_ns_dtype(group["ns_dtype"], p.device, u.dtype)
-        pieces = []
-        for mats in to_matrix_groups(u, spec):
-            ortho = newton_schulz(  # u is muon_update's fresh tensor: its memory may be reused
-                mats,
-                group["ns_steps"],
-                group["ns_coefficients"],
-                group["eps"],
-                dtype=dtype,
-                overwrite_input=True,
-            )
-            pieces.append(ortho.mul_(update_scale(mats.shape[-2], mats.shape[-1], group["adjust_lr"])))
+        # u is muon_update's fresh tensor: its memory may be reused
+        pieces = [_scaled_orthogonal(mats, group, dtype) for mats in to_matrix_groups(u, spec)]
         scaled = from_matrix_groups(pieces, p.shape, spec)
         if sumsq is not None:
             self._update_rms[_param_name(group, m.gi, m.j)] = _rms(scaled)
@@ -653,6 +644,17 @@ class Muon(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- helpers of this module
 
 
+def _scaled_orthogonal(mats: Tensor, group: dict[str, Any], ns_dtype: torch.dtype | None) -> Tensor:
+    """``update_scale * NS(mats)`` for a stack ``[..., rows, cols]`` of logical matrices, with ``group``'s
+    Newton-Schulz settings and scale mode. ``mats`` must be the caller's to spend: its memory may hold the
+    result (``newton_schulz(overwrite_input=True)``). Shared by the per-parameter path here and the
+    distributed tiers."""
+    ortho = newton_schulz(
+        mats, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype=ns_dtype, overwrite_input=True
+    )
+    return ortho.mul_(update_scale(mats.shape[-2], mats.shape[-1], group["adjust_lr"]))
+
+
 @dataclass
 class _MuonParam:
     """A Muon parameter with a gradient in this step: its group index, group and position there."""
@@ -679,7 +681,7 @@ class _BucketKey:
 
     @property
     def numel_bytes(self) -> int:
-        return self.rows * self.cols * torch.empty((), dtype=self.dtype).element_size()
+        return self.rows * self.cols * self.dtype.itemsize
 
 
 class _Item(NamedTuple):
@@ -736,11 +738,6 @@ def _stack_views(stack: Tensor, chunk: list[_Item], counts: list[int]) -> list[T
     if len(counts) == stack.shape[0] and all(it.param.ndim == 2 for it in chunk):
         return list(stack.unbind(0))
     return [s.view(it.param.shape) for s, it in zip(stack.split(counts), chunk, strict=True)]
-
-
-def _copy(dst: list[Tensor], src: list[Tensor], exact: bool) -> None:
-    del exact  # a copy rounds nothing
-    torch._foreach_copy_(dst, src)
 
 
 def _mul(xs: list[Tensor], scalar: float, exact: bool) -> None:

@@ -207,7 +207,6 @@ class QKClip:
         AttentionInterface.register(name, attention)
         if original in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-        self._registered = name
         config._attn_implementation = name
 
     def _observe(self, name: str, m: Tensor) -> None:

@@ -17,9 +17,8 @@ from muon_opt.distributed import checkpoint
 from muon_opt.distributed.comm import CommCounter
 from muon_opt.matrix_view import MatrixSpec, from_matrix_groups, to_matrix_groups
 from muon_opt.muon import apply_update, muon_update
-from muon_opt.newton_schulz import newton_schulz
-from muon_opt.optimizer import Muon, _adamw_lr_wd, _describe, _uses_muon
-from muon_opt.scale import resolve_ns_dtype, update_scale
+from muon_opt.optimizer import Muon, _adamw_lr_wd, _describe, _scaled_orthogonal, _uses_muon
+from muon_opt.scale import resolve_ns_dtype
 
 
 @dataclass
@@ -168,16 +167,7 @@ class _DistributedMuon(Muon):
                 result: list[list[Tensor]] = [[] for _ in idx]
                 for k in range(len(per[0])):
                     stacked = torch.cat([m[k] for m in per]) if len(idx) > 1 else per[0][k]
-                    rows, cols = stacked.shape[-2:]
-                    ortho = newton_schulz(  # every tier hands over updates it owns and does not read again
-                        stacked,
-                        g["ns_steps"],
-                        g["ns_coefficients"],
-                        g["eps"],
-                        dtype=ns_dtype,
-                        overwrite_input=True,
-                    )
-                    ortho.mul_(update_scale(rows, cols, g["adjust_lr"]))  # a fresh tensor: never the input
+                    ortho = _scaled_orthogonal(stacked, g, ns_dtype)  # the tiers hand over updates they own
                     for n, part in enumerate(ortho.split([m[k].shape[0] for m in per])):
                         result[n].append(part)
                     del stacked, ortho, part  # a loop variable's view would keep this chunk alive
