@@ -17,6 +17,7 @@ written after every section, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -123,9 +124,7 @@ def _english_section(
     except (FileNotFoundError, RuntimeError) as exc:
         return benchkit.Section(title=title, description=f"Not run: {exc}"), {}
     clock.progress(f"corpus: {source['text']}, train {len(corpus.train):,} B, val {len(corpus.val):,} B")
-    fresh = training.Sweep(
-        bpb=sweep.bpb, best=sweep.best, runs={}, sec_per_step=sweep.sec_per_step, added=sweep.added
-    )
+    fresh = dataclasses.replace(sweep, runs={})  # the code sweep's lrs, none of its runs to continue
     runs = training.seed_runs(s, fresh, corpus, device, clock)
     section, summary = training.seeds_section(
         s,
