@@ -124,7 +124,9 @@ def zero_shot_gap(
     }
 
 
-def build(method: str, path: str, top_k: int | None = None):
+def build(method: str, path: str, top_k: int | str | None = "shots"):
+    """ProML with the paper's k = shots unless ``top_k`` says otherwise (None: the package default),
+    or a baseline."""
     if method == "proml":
         return ProML.from_encoder(path, top_k=top_k)
     return PrototypeNer.from_encoder(path, "proto" if method == "protobert" else "nnshot")
@@ -191,7 +193,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--trainable-layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--top-k", type=int, default=None, help="ProML neighbours per class (default: shots)")
+    ap.add_argument(
+        "--top-k",
+        type=lambda v: v if v == "shots" else int(v),
+        default="shots",
+        help="ProML neighbours per class: an int or 'shots' (the default, the paper's)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     ap.add_argument("--methods", nargs="+", default=["proml", "protobert", "nnshot"])
     ap.add_argument("--out", type=Path, default=None)

@@ -56,3 +56,46 @@ def test_zero_shot_gap_stops_when_the_next_episode_would_pass_the_budget(fewshot
 
     full = fewshot_synthetic.zero_shot_gap(tiny_proml, episodes)
     assert full["stopped_after"] is None and full["episodes"] >= stopped["episodes"]
+
+
+@pytest.fixture(scope="module")
+def wnut17():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import wnut17
+    finally:
+        sys.path.remove(str(BENCH))
+    return wnut17
+
+
+def test_wnut_run_pools_a_seeds_splits_and_keeps_only_complete_seeds(wnut17, monkeypatch):
+    started = []
+
+    def fake_job(job):
+        started.append((job.seed, job.split))
+        t = wnut17.Tally()
+        t.add([["O", "person"]], [["O", "person" if job.split != "B" else "O"]])
+        return {
+            "seed": job.seed,
+            "split": job.split,
+            "tallies": {("NNShot", 0): {job.seed: t}},
+            "seconds": {"nnshot": 0.1},
+            "wall": 1.0,
+        }
+
+    monkeypatch.setattr(wnut17, "run_job", fake_job)
+    asked = []
+
+    def over(cost):  # the budget is spent once four runs have started
+        asked.append(cost)
+        return len(started) >= 4
+
+    res = wnut17.run("enc", 2, 2, 1, [0, 1], ["A", "B", "C"], methods=("nnshot",), over=over)
+    assert started == [(0, "A"), (0, "B"), (0, "C"), (1, "A")]
+    assert asked == [1.0] * 4  # asked before every run but the first, with the slowest run's time
+    assert res["runs"] == [(0, "A"), (0, "B"), (0, "C")]
+    assert "2 of 6" in res["stopped"] and "seeds [1]" in res["stopped"]
+    row = wnut17.summarise(res["tallies"], res["runs"])[("NNShot", 0)]
+    # seed 0 pools its three splits (2 of 3 entities found); seed 1's lone split is left out
+    assert row["seeds"] == 1 and row["episodes"] == 3
+    assert row["pooled"][0] == pytest.approx(0.8)  # P 2/2, R 2/3

@@ -45,6 +45,7 @@ def test_bundled_config_parses_with_paper_hyperparameters(name):
     assert cfg.model.embedding_dim == 128 and cfg.model.fusion_lambda == 0.7
     assert cfg.model.encoder == "bert-base-uncased" and cfg.train.seed == cfg.seed == 0
     assert cfg.train.episodes_per_step == (4 if cfg.episodes.k_shot == 1 else 1)
+    assert cfg.model.span_merge == 0.0 and not cfg.model.viterbi  # the paper labels word by word
     if name in FEWNERD:
         n_way = 10 if "10way" in name else 5
         k_shot = 1 if "1-2shot" in name else 5

@@ -49,6 +49,25 @@ def test_class_scores_topk_mean():
     torch.testing.assert_close(squared_euclidean(torch.eye(2), torch.eye(2)), 2 - 2 * torch.eye(2))
 
 
+def test_class_scores_fraction_takes_each_class_own_k():
+    # O has 6 support words, the entity 2: fraction 0.5 averages the nearest 3 O words and the nearest 1
+    # entity word; a fixed k = 1 lets O win on its single extreme neighbour
+    dist = torch.tensor([[0.5, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0, 4.0]])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    fixed = class_scores(dist, labels, 2, k=1)
+    assert fixed[0].tolist() == [-0.5, -1.0] and fixed[0].argmax() == 0
+    half = class_scores(dist, labels, 2, k=1, fraction=0.5)
+    assert half[0, 0].item() == pytest.approx(-(0.5 + 5 + 6) / 3)
+    assert half[0, 1].item() == pytest.approx(-1.0) and half[0].argmax() == 1
+    whole = class_scores(dist, labels, 2, k=1, fraction=1.0)  # mean distance to every word of a class
+    assert whole[0].tolist() == pytest.approx([-(0.5 + 5 + 6 + 7 + 8 + 9) / 6, -2.5])
+    tiny = class_scores(dist, labels, 2, k=1, fraction=0.01)  # rounds to 0 words: at least 1
+    assert tiny[0].tolist() == fixed[0].tolist()
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="fraction"):
+            class_scores(dist, labels, 2, k=1, fraction=bad)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_viterbi_equals_brute_force(seed):
     g = torch.Generator().manual_seed(seed)

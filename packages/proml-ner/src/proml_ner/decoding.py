@@ -2,7 +2,8 @@
 
 Class scores (ProML Sec. 3.5): a query word's score for class ``c`` (``O`` or an episode type) is minus
 the mean distance to its ``k`` closest support words of class ``c`` (``k`` = shots; fewer when the class
-has fewer support words). ``k = 1`` is NNShot (Yang & Katiyar, EMNLP 2020).
+has fewer support words). ``k = 1`` is NNShot (Yang & Katiyar, EMNLP 2020). A per-class ``k``, a fixed
+fraction of each class's support words, is this package's option (see :func:`class_scores`).
 
 Viterbi (StructShot, Yang & Katiyar 2020, Sec. 3.2): abstract IO transitions ``O->O``, ``O->I``,
 ``I->O``, ``I->same I``, ``I->other I`` estimated from training label sequences and spread evenly over
@@ -33,19 +34,27 @@ def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
     return (a.pow(2).sum(-1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(-1)[None, :]).clamp_min(0.0)
 
 
-def class_scores(dist: Tensor, support_labels: Tensor, n_classes: int, k: int) -> Tensor:
+def class_scores(
+    dist: Tensor, support_labels: Tensor, n_classes: int, k: int, fraction: float | None = None
+) -> Tensor:
     """(Q, C) scores: minus the mean of the ``k`` smallest distances to each class's support words.
 
-    A class with no support word scores ``-inf``.
+    With ``fraction`` each class takes its own ``k``: that fraction of its support words, rounded, at
+    least 1 (``fraction=0.5``: the nearest half of the class). A fixed ``k`` lets the class with the most
+    support words win on its extreme neighbours: a few-shot support holds ten or more ``O`` words per
+    entity word, so the nearest of ~150 ``O`` words is nearer most query words than the nearest of a
+    handful of entity words. A class with no support word scores ``-inf``.
     """
     if k < 1:
         raise ValueError(f"class_scores: k={k} must be >= 1")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"class_scores: fraction={fraction} must be in (0, 1] (or None for a fixed k)")
     out = torch.full((dist.shape[0], n_classes), float("-inf"), dtype=dist.dtype, device=dist.device)
     for c in range(n_classes):
         cols = (support_labels == c).nonzero(as_tuple=True)[0]
         if cols.numel() == 0:
             continue
-        kk = min(k, cols.numel())
+        kk = max(1, round(fraction * cols.numel())) if fraction is not None else min(k, cols.numel())
         near = dist.index_select(1, cols).topk(kk, dim=1, largest=False).values
         out[:, c] = -near.mean(1)
     return out

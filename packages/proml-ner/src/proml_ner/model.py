@@ -56,10 +56,12 @@ class ProMLConfig:
         prompt included; window_overlap: words shared by consecutive windows.
     inference_space: ``encoder`` (fused encoder vectors, squared Euclidean; the paper's Sec. 3.5) or
         ``gaussian`` (symmetric KL between the head's Gaussians: the distance the loss trains).
-        top_k: neighbours per class (None: the support's shots, the paper's choice).
-        Defaults measured on WNUT-17 (README, "Does training help?"): ``top_k=1`` (k = shots scored
-        0.157 +- 0.054 trained and 0.070 untrained, k = 1 0.241 +- 0.014 and 0.148); the encoder and the
-        Gaussian space, and lambda 0.3 / 0.5 / 0.7, were within the seed spread of each other trained.
+    top_k / k_fraction: how many support words score a class. ``top_k`` an int: that many nearest
+        words of every class; ``"shots"``: the support's K (the paper's choice); None: each class takes
+        ``k_fraction`` of its own support words (at least 1; None too: the support's K). A fixed k lets
+        the ``O`` class, ten times larger than any entity class in a few-shot support, win on its extreme
+        neighbours (:func:`~proml_ner.decoding.class_scores`). Defaults measured on WNUT-17 (README, "Does
+        training help?" and "predict() out of the box"): the nearest half of each class.
     kl_scale: the distance is ``kl_scale * (KL(p||q) + KL(q||p))``; 1.0 is the authors' code (KL + KL),
         0.5 the symmetric mean this package used before 0.1 (a 2x softmax temperature in the loss).
     prefix_outside: also list ``O`` (label words ``outside_words``) in the option prefix, as the authors'
@@ -82,7 +84,8 @@ class ProMLConfig:
     max_length: int = 128
     window_overlap: int = 16
     inference_space: str = "encoder"
-    top_k: int | None = 1
+    top_k: int | str | None = None
+    k_fraction: float | None = 0.5
     kl_scale: float = 1.0
     prefix_outside: bool = False
     outside_words: str = "none"
@@ -116,8 +119,13 @@ class ProMLConfig:
             raise ValueError(f"ProMLConfig: span_merge={self.span_merge} must be in [0, 1] (0: off)")
         if not self.kl_scale > 0:
             raise ValueError(f"ProMLConfig: kl_scale={self.kl_scale} must be > 0 (1.0: the authors' KL + KL)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"ProMLConfig: top_k={self.top_k} must be None or >= 1")
+        if self.top_k is not None and self.top_k != "shots":
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                raise ValueError(
+                    f"ProMLConfig: top_k={self.top_k!r} must be an int >= 1, 'shots' or None (k_fraction)"
+                )
+        if self.k_fraction is not None and not 0.0 < self.k_fraction <= 1.0:
+            raise ValueError(f"ProMLConfig: k_fraction={self.k_fraction} must be None or in (0, 1]")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,6 +138,9 @@ class ProMLConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"ProMLConfig: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "k_fraction" not in d and d.get("top_k") is None:
+            d["k_fraction"] = None  # a file from before k_fraction: top_k None meant the support's K
         return cls(**d)
 
 
@@ -265,6 +276,21 @@ class ProML(nn.Module):
             return self.kl_distance(query, support)
         raise ValueError(f"ProML.distances: space={space!r} must be 'encoder' or 'gaussian'")
 
+    def neighbour_rule(
+        self, shots: int, top_k: int | str | None = None, k_fraction: float | None = None
+    ) -> tuple[int, float | None]:
+        """``(k, fraction)`` for :func:`~proml_ner.decoding.class_scores`: ``k_fraction`` if given, else
+        ``top_k`` if given (an int, or ``"shots"`` for the support's K), else the config's rule."""
+        if k_fraction is not None:
+            return 1, k_fraction
+        if top_k is None:
+            top_k, k_fraction = self.config.top_k, self.config.k_fraction
+            if top_k is None and k_fraction is not None:
+                return 1, k_fraction
+        if top_k is None or top_k == "shots":
+            return shots, None
+        return int(top_k), None
+
     def decode(
         self,
         query_reps: Sequence[Tensor],
@@ -274,8 +300,12 @@ class ProML(nn.Module):
         k: int,
         space: str | None = None,
         viterbi: bool | None = None,
+        k_fraction: float | None = None,
+        span_merge: float | None = None,
     ) -> tuple[list[list[int]], list[Tensor]]:
-        """Class ids (0 = O) and per-class probabilities for each query sentence.
+        """Class ids (0 = O) and per-class probabilities for each query sentence; a class is scored by
+        its ``k`` nearest support words, or by ``k_fraction`` of them (:meth:`neighbour_rule` resolves
+        the config's choice), then ``span_merge`` (None: the config's) grows the entities.
 
         Probabilities are ``softmax(scores / tau)`` with ``tau`` the support's typical neighbour distance
         (:func:`~proml_ner.decoding.neighbour_scale`): scale-free, so they vary with how close a word is
@@ -284,6 +314,7 @@ class ProML(nn.Module):
         """
         space = space or self.config.inference_space
         viterbi = self.config.viterbi if viterbi is None else viterbi
+        merge = self.config.span_merge if span_merge is None else span_merge
         paths, probs = [], []
         log_t, log_s = self.transitions.matrix(n_types)
         tau = neighbour_scale(self.distances(support_reps, support_reps, space))
@@ -292,14 +323,15 @@ class ProML(nn.Module):
                 paths.append([])
                 probs.append(q.new_zeros((0, n_types + 1)))
                 continue
-            scores = class_scores(self.distances(q, support_reps, space), support_labels, n_types + 1, k)
+            dist = self.distances(q, support_reps, space)
+            scores = class_scores(dist, support_labels, n_types + 1, k, fraction=k_fraction)
             logp = torch.log_softmax(scores.float() / tau, dim=-1)
             probs.append(logp.exp())
             if viterbi:
                 path = viterbi_decode(logp, log_t, log_s, self.config.viterbi_weight)
             else:
                 path = logp.argmax(-1).tolist()
-            paths.append(merge_spans(path, probs[-1], self.config.span_merge))
+            paths.append(merge_spans(path, probs[-1], merge))
         return paths, probs
 
     @torch.no_grad()
@@ -327,10 +359,13 @@ class ProML(nn.Module):
         top_k: int | str | None = None,
         fusion_lambda: float | None = None,
         viterbi: bool | None = None,
+        k_fraction: float | None = None,
+        span_merge: float | None = None,
     ) -> list[list[str]]:
-        """IO labels of the query under one inference setting; None takes the config's value and
-        ``top_k="shots"`` the support's K (the paper's choice). Lets a
-        benchmark compare spaces, ``k`` and ``lambda`` on the same encoded episode."""
+        """IO labels of the query under one inference setting; None takes the config's value,
+        ``top_k="shots"`` the support's K (the paper's choice), ``k_fraction`` a per-class k (it wins over
+        ``top_k``; see :meth:`neighbour_rule`). Lets a benchmark compare spaces, ``k``, ``lambda`` and
+        decoders on the same encoded episode."""
         sup = views.support
         if fusion_lambda is None or len(sup) < 2:
             support = self.fusion(sup, self.config.schemas)
@@ -338,14 +373,17 @@ class ProML(nn.Module):
             if not 0.0 <= fusion_lambda <= 1.0:
                 raise ValueError(f"predict_views: fusion_lambda={fusion_lambda} must be in [0, 1]")
             support = fusion_lambda * sup["option_prefix"] + (1 - fusion_lambda) * sup["label_aware"]
-        if top_k == "shots":
-            k = views.shots
-        elif top_k is not None:
-            k = int(top_k)
-        else:
-            k = self.config.top_k or views.shots
+        k, fraction = self.neighbour_rule(views.shots, top_k, k_fraction)
         paths, _ = self.decode(
-            views.query, support, views.support_labels, len(views.types), k, space, viterbi
+            views.query,
+            support,
+            views.support_labels,
+            len(views.types),
+            k,
+            space,
+            viterbi,
+            fraction,
+            span_merge,
         )
         names = ["O", *views.types]
         return [[names[c] for c in p] for p in paths]
