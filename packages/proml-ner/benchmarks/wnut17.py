@@ -85,6 +85,11 @@ class Tally:
         self.per_episode.append(score(gold, pred))
         self.flattened += score_flattened(gold, pred)
 
+    def extend(self, other: Tally) -> None:
+        """Pool another run's episodes (another split of the same seed) into this one."""
+        self.per_episode += other.per_episode
+        self.flattened += other.flattened
+
     def pooled(self) -> EntityCounts:
         out = EntityCounts()
         for c in self.per_episode:
@@ -197,9 +202,7 @@ def _merge(into: dict, tallies: dict) -> None:
     """Add one run's tallies to the running ones; a seed's splits pool into one Tally."""
     for key, by_seed in tallies.items():
         for seed, t in by_seed.items():
-            mine = into.setdefault(key, {}).setdefault(seed, Tally())
-            mine.per_episode += t.per_episode
-            mine.flattened += t.flattened
+            into.setdefault(key, {}).setdefault(seed, Tally()).extend(t)
 
 
 def run(

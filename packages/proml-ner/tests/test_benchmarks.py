@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -26,14 +27,18 @@ def test_every_profile_budgets_the_sections_run_py_enters_in_run_order():
         assert all(sec > 0 for sec in spec["sections"].values()), profile
 
 
-@pytest.fixture(scope="module")
-def fewshot_synthetic():
+def _bench_module(name: str):
+    """Import a module of benchmarks/ (not a package) by putting the folder on sys.path for the import."""
     sys.path.insert(0, str(BENCH))
     try:
-        import fewshot_synthetic
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
-    return fewshot_synthetic
+
+
+@pytest.fixture(scope="module")
+def fewshot_synthetic():
+    return _bench_module("fewshot_synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +65,7 @@ def test_zero_shot_gap_stops_when_the_next_episode_would_pass_the_budget(fewshot
 
 @pytest.fixture(scope="module")
 def wnut17():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import wnut17
-    finally:
-        sys.path.remove(str(BENCH))
-    return wnut17
+    return _bench_module("wnut17")
 
 
 def test_wnut_run_pools_a_seeds_splits_and_keeps_only_complete_seeds(wnut17, monkeypatch):
